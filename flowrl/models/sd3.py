@@ -1,0 +1,240 @@
+"""Stable Diffusion 3 / 3.5 adapter: everything flowrl needs to know about the SD3 family, and nothing more.
+
+Model-specific facts owned here: the transformer takes ``timestep = σ·1000``; prompts are encoded by the pipeline's
+own ``encode_prompt`` (two CLIP encoders + optional T5, zeros when T5 is absent); latents are de-normalised with the
+VAE's ``scaling_factor`` / ``shift_factor`` before decoding; the σ grid comes from the pipeline's
+``FlowMatchEulerDiscreteScheduler``; LoRA targets are the joint-attention projections (Flow-GRPO's choice).
+Classifier-free guidance runs as one batched forward over ``[uncond; cond]``, exactly as the diffusers pipeline does,
+so a noise level of 0 reproduces ``StableDiffusion3Pipeline.__call__`` for the same generators.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+@dataclass
+class PromptEmbeds:
+    """Encoded prompts of the SD3 family.
+
+    Attributes:
+        prompt_embeds: ``[B, L, D]`` token embeddings (CLIP-L ⊕ CLIP-G features padded to D, then T5 tokens).
+        pooled: ``[B, P]`` pooled CLIP embeddings.
+    """
+
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor
+
+    def __getitem__(self, index) -> "PromptEmbeds":
+        return PromptEmbeds(self.prompt_embeds[index], self.pooled[index])
+
+    def repeat_interleave(self, n: int) -> "PromptEmbeds":
+        """Each prompt repeated ``n`` times consecutively (a group of ``n`` images per prompt)."""
+        return PromptEmbeds(self.prompt_embeds.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0))
+
+    @staticmethod
+    def cat(parts: list["PromptEmbeds"]) -> "PromptEmbeds":
+        return PromptEmbeds(torch.cat([p.prompt_embeds for p in parts]), torch.cat([p.pooled for p in parts]))
+
+
+def resolve_model_path(path: str) -> str:
+    """Return ``path`` if it is a local diffusers folder or a hub id; raise a clear error for a missing local path.
+
+    Raises:
+        FileNotFoundError: if ``path`` looks local (exists as a parent, starts with ``.``/``/``, or is under
+            ``assets/``) but has no ``model_index.json``.
+    """
+    p = Path(path)
+    looks_local = p.is_absolute() or path.startswith((".", "~")) or p.exists() or path.startswith("assets")
+    if looks_local:
+        if not (p / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"model path {path!r} has no model_index.json. Point model.pretrained at a diffusers folder "
+                "(e.g. assets/shapes-sd3) or a hub id such as stabilityai/stable-diffusion-3.5-medium.")
+        return str(p)
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache
+
+        if try_to_load_from_cache(path, "model_index.json") is None:
+            raise FileNotFoundError(f"{path!r} is not a local folder and is not in the hub cache (HF_HUB_OFFLINE=1)")
+    return path
+
+
+class SD3Adapter:
+    """Velocity, prompt encoding, σ grid and decoding for a ``StableDiffusion3Pipeline``.
+
+    Args:
+        pipeline: a loaded ``diffusers.StableDiffusion3Pipeline`` (any SD3/SD3.5 checkpoint).
+        max_sequence_length: T5 tokens (zeros when ``text_encoder_3`` is absent); the embedded model uses 0.
+        dtype: compute dtype of the transformer (the sampler maths is float32 regardless).
+    """
+
+    family = "sd3"
+    lora_target_modules = LORA_TARGET_MODULES
+
+    def __init__(self, pipeline, max_sequence_length: int = 256, dtype: torch.dtype = torch.float32):
+        self.pipeline = pipeline
+        self.max_sequence_length = max_sequence_length
+        self.dtype = dtype
+        self._negative: PromptEmbeds | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        max_sequence_length: int = 256, load_t5: bool = True) -> "SD3Adapter":
+        """Load with ``StableDiffusion3Pipeline.from_pretrained`` (the same call as for SD3.5-M).
+
+        Raises:
+            FileNotFoundError: for a local path without ``model_index.json`` (see :func:`resolve_model_path`).
+        """
+        from diffusers import StableDiffusion3Pipeline
+
+        kwargs = {} if load_t5 else {"text_encoder_3": None, "tokenizer_3": None}
+        pipe = StableDiffusion3Pipeline.from_pretrained(resolve_model_path(path), torch_dtype=dtype, **kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(device)
+        for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.transformer):
+            if m is not None:
+                m.requires_grad_(False)
+        return cls(pipe, max_sequence_length=max_sequence_length, dtype=dtype)
+
+    # -- model facts ---------------------------------------------------------------------------------------------
+    @property
+    def transformer(self):
+        return self.pipeline.transformer
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline.transformer.device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.pipeline.vae_scale_factor
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """``[num_steps + 1]`` float32 σ grid of the pipeline's scheduler (shift included), ending at 0."""
+        sched = self.pipeline.scheduler
+        sched.set_timesteps(num_steps, device="cpu")
+        return sched.sigmas.detach().float().cpu().clone()
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """``(C, H/f, W/f)`` of the latents for an image of ``height × width`` pixels.
+
+        Raises:
+            ValueError: if the size is not a multiple of ``vae_scale_factor × patch_size``.
+        """
+        f = self.vae_scale_factor * self.transformer.config.patch_size
+        if height % f or width % f:
+            raise ValueError(f"height and width must be multiples of {f} for this model, got {height}×{width}")
+        return (self.transformer.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+
+    def initial_noise(self, generators: list[torch.Generator], height: int, width: int) -> torch.Tensor:
+        """``[B, C, h, w]`` float32 initial latents, sample ``i`` drawn from ``generators[i]`` exactly as the
+        pipeline's ``prepare_latents`` does."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        shape = (len(generators), *self.latent_shape(height, width))
+        return randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype).float()
+
+    # -- prompts -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> PromptEmbeds:
+        """Encode prompts with the pipeline's ``encode_prompt`` (no CFG duplication). Returns :class:`PromptEmbeds`."""
+        emb, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.device,
+            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
+        return PromptEmbeds(emb.to(self.dtype), pooled.to(self.dtype))
+
+    def negative(self, batch: int) -> PromptEmbeds:
+        """The empty-prompt embedding (SD3's default negative prompt), computed once and expanded to ``batch``."""
+        if self._negative is None:
+            self._negative = self.encode([""])
+        n = self._negative
+        return PromptEmbeds(n.prompt_embeds.expand(batch, -1, -1), n.pooled.expand(batch, -1))
+
+    # -- the model -----------------------------------------------------------------------------------------------
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds, guidance_scale: float = 1.0) -> torch.Tensor:
+        """Velocity prediction ``v(x, σ)`` with classifier-free guidance.
+
+        With ``guidance_scale > 1`` one forward runs on ``[uncond; cond]`` (2B) and returns
+        ``v_u + g·(v_c - v_u)``, as ``StableDiffusion3Pipeline`` does; otherwise a single conditional forward.
+
+        Args:
+            x: ``[B, C, h, w]`` latents at σ.
+            sigma: ``[B]`` noise levels in [0, 1] (the transformer sees ``σ·1000``).
+            cond: :class:`PromptEmbeds` for the B samples.
+
+        Returns:
+            ``[B, C, h, w]`` float32 velocity.
+        """
+        timestep = sigma.to(self.device, torch.float32) * 1000
+        x_in = x.to(self.dtype)
+        if guidance_scale > 1.0:
+            neg = self.negative(x.shape[0])
+            out = self.transformer(
+                hidden_states=torch.cat([x_in, x_in]), timestep=torch.cat([timestep, timestep]),
+                encoder_hidden_states=torch.cat([neg.prompt_embeds, cond.prompt_embeds]),
+                pooled_projections=torch.cat([neg.pooled, cond.pooled]), return_dict=False)[0]
+            v_u, v_c = out.chunk(2)
+            return (v_u + guidance_scale * (v_c - v_u)).float()
+        out = self.transformer(hidden_states=x_in, timestep=timestep, encoder_hidden_states=cond.prompt_embeds,
+                               pooled_projections=cond.pooled, return_dict=False)[0]
+        return out.float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """``[B, C, h, w]`` latents → ``[B, 3, H, W]`` float32 images in [0, 1] (as the pipeline's postprocess)."""
+        vae = self.pipeline.vae
+        z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        img = vae.decode(z, return_dict=False)[0]
+        return (img.float() / 2 + 0.5).clamp(0, 1)
+
+    # -- LoRA ----------------------------------------------------------------------------------------------------
+    def add_lora(self, rank: int, alpha: float, target_modules: list[str] | None = None, init_seed: int = 0) -> list[torch.nn.Parameter]:
+        """Attach a peft LoRA adapter (named ``"default"``) to the transformer; returns its trainable parameters.
+
+        The reference policy is the same transformer with the adapter disabled (:meth:`reference`), so no copy of
+        the base weights is kept.
+        """
+        from peft import LoraConfig
+
+        torch.manual_seed(init_seed)
+        cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                         target_modules=list(target_modules or self.lora_target_modules))
+        self.transformer.add_adapter(cfg)
+        params = [p for n, p in self.transformer.named_parameters() if "lora_" in n]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def reference(self):
+        """Context manager in which the transformer is the reference policy (LoRA disabled)."""
+        return _AdaptersDisabled(self.transformer)
+
+    def save_lora(self, directory: str | os.PathLike) -> None:
+        """Save the LoRA so that ``StableDiffusion3Pipeline.load_lora_weights(directory)`` loads it."""
+        from diffusers import StableDiffusion3Pipeline
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.transformer)
+        StableDiffusion3Pipeline.save_lora_weights(directory, transformer_lora_layers=state)
+
+
+class _AdaptersDisabled:
+    def __init__(self, transformer):
+        self.transformer = transformer
+
+    def __enter__(self):
+        if getattr(self.transformer, "_hf_peft_config_loaded", False):
+            self.transformer.disable_adapters()
+        return self.transformer
+
+    def __exit__(self, *exc):
+        if getattr(self.transformer, "_hf_peft_config_loaded", False):
+            self.transformer.enable_adapters()
+        return False
