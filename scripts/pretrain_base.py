@@ -33,14 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from flowrl.shapes.prompts import sample_caption
+from flowrl.models.tiny_sd3 import T5_LENGTHS, T5_PROBS, VAE_CONFIG, build_pipeline, t5_stub
 from flowrl.shapes.render import BACKGROUND, render_scene, scene_for_metadata
 
-VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
-    block_out_channels=[32, 64, 64], layers_per_block=1, latent_channels=4, norm_num_groups=32, sample_size=64,
-    use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.0, shift_factor=0.0,
-)
-TOKEN_LENGTH = 16  # CLIP tokenizer model_max_length of the tiny model (domain prompts need ≤ 12 tokens).
 
 
 def scene_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str]]:
@@ -95,69 +90,6 @@ def train_vae(args) -> None:
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     vae.save_pretrained(out)
     print(f"VAE done in {time.time() - t0:.0f}s; shift_factor {shift:.4f} scaling_factor {scale:.4f}", flush=True)
-
-
-TEXT_ENCODER_CONFIG = dict(
-    vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-    max_position_embeddings=TOKEN_LENGTH, projection_dim=32, hidden_act="quick_gelu", bos_token_id=49406,
-    eos_token_id=49407, pad_token_id=49407,
-)
-TRANSFORMER_CONFIG = dict(
-    sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=32,
-    num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=64,
-    pos_embed_max_size=16, qk_norm="rms_norm",
-)
-# Number of all-zero "T5" tokens appended by the pipeline when text_encoder_3 is None (its `max_sequence_length`).
-# Training mixes lengths so that the model works with flowrl's default (0) and with the pipeline's default (256).
-T5_LENGTHS, T5_PROBS = (0, 16, 256), (0.6, 0.25, 0.15)
-
-
-def t5_stub(tokenizer_dir: Path):
-    """SD3's third text-encoder slot for the embedded model: a tiny ``T5EncoderModel`` whose final RMSNorm weight is 0,
-    so it outputs exact zeros — the same embedding SD3's pipeline uses when T5 is absent — plus a small T5 tokenizer
-    over the domain's words. It exists so that ``StableDiffusion3Pipeline.from_pretrained(path)`` loads the folder
-    with no extra arguments; flowrl's adapter skips it (``load_t5: false``) and uses the pipeline's zeros directly."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
-
-    from flowrl.shapes.prompts import all_metadata
-
-    words = sorted({w for m in all_metadata() for w in m["prompt"].split()})
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in words]
-    vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"] + [("▁", -3.0)]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    t5_tok = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0)
-    t5_tok.model_max_length = 512
-    t5_tok.save_pretrained(tokenizer_dir)
-    t5 = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=TRANSFORMER_CONFIG["joint_attention_dim"], d_kv=16,
-                                 d_ff=32, num_layers=1, num_heads=2, pad_token_id=0, eos_token_id=1))
-    with torch.no_grad():
-        t5.encoder.final_layer_norm.weight.zero_()
-    return t5, T5TokenizerFast.from_pretrained(tokenizer_dir)
-
-
-def build_pipeline(vae_dir: Path, tokenizer_dir: Path, seed: int):
-    """Fresh (random) transformer + two CLIP text encoders around the trained VAE, as a StableDiffusion3Pipeline."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from flowrl.models.clip_tokenizer import write_clip_tokenizer_files
-
-    write_clip_tokenizer_files(tokenizer_dir, model_max_length=TOKEN_LENGTH)
-    tok = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(seed)
-    te1 = CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_ENCODER_CONFIG))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_ENCODER_CONFIG))
-    transformer = SD3Transformer2DModel(**TRANSFORMER_CONFIG)
-    vae = AutoencoderKL.from_pretrained(vae_dir)
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
-    return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=te1,
-                                    tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok, text_encoder_3=None,
-                                    tokenizer_3=None)
 
 
 @torch.no_grad()

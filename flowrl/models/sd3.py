@@ -82,7 +82,7 @@ class SD3Adapter:
         self.pipeline = pipeline
         self.max_sequence_length = max_sequence_length
         self.dtype = dtype
-        self._negative: PromptEmbeds | None = None
+        self._negative: dict[int, PromptEmbeds] = {}
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -151,11 +151,14 @@ class SD3Adapter:
         return PromptEmbeds(emb.to(self.dtype), pooled.to(self.dtype))
 
     def negative(self, batch: int) -> PromptEmbeds:
-        """The empty-prompt embedding (SD3's default negative prompt), computed once and expanded to ``batch``."""
-        if self._negative is None:
-            self._negative = self.encode([""])
-        n = self._negative
-        return PromptEmbeds(n.prompt_embeds.expand(batch, -1, -1), n.pooled.expand(batch, -1))
+        """The empty-prompt embedding (SD3's default negative prompt) for ``batch`` samples, cached per batch size.
+
+        It is encoded as a batch of ``batch`` empty prompts, as the pipeline does, because the text encoders'
+        matrix products round differently for different batch sizes (~1e-7) and CFG must match the pipeline bit for
+        bit."""
+        if batch not in self._negative:
+            self._negative[batch] = self.encode([""] * batch)
+        return self._negative[batch]
 
     # -- the model -----------------------------------------------------------------------------------------------
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds, guidance_scale: float = 1.0) -> torch.Tensor:
@@ -222,7 +225,10 @@ class SD3Adapter:
         from peft.utils import get_peft_model_state_dict
 
         state = get_peft_model_state_dict(self.transformer)
-        StableDiffusion3Pipeline.save_lora_weights(directory, transformer_lora_layers=state)
+        # The adapter config (rank, alpha, targets) travels as safetensors metadata, so loading restores the scale α/r.
+        meta = self.transformer.peft_config["default"].to_dict()
+        StableDiffusion3Pipeline.save_lora_weights(directory, transformer_lora_layers=state,
+                                                   transformer_lora_adapter_metadata=meta)
 
 
 class _AdaptersDisabled:

@@ -1,0 +1,223 @@
+"""Structured configuration (Hydra / OmegaConf dataclasses) for flowrl training and evaluation.
+
+The dataclasses are the schema: Hydra merges the YAML groups in ``configs/`` into them, so an unknown key or a wrong
+type fails at start-up. :func:`validate` then checks the derived batch arithmetic and refuses combinations that would
+train silently wrong, with messages that say what to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    """Which model and how to load it.
+
+    ``pretrained`` is a local diffusers folder or a hub id; ``max_sequence_length`` is the number of T5 tokens
+    (zeros when ``load_t5`` is false); ``resolution`` in pixels; LoRA rank/alpha/targets as in peft.
+    """
+
+    family: str = "sd3"
+    pretrained: str = MISSING
+    dtype: str = "float32"  # float32 | float16 | bfloat16
+    load_t5: bool = True
+    max_sequence_length: int = 256
+    resolution: int = 512
+    lora_rank: int = 32
+    lora_alpha: float = 64.0
+    lora_targets: list[str] = field(default_factory=lambda: [
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"])
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class SamplerConfig:
+    """Rollout sampler: SDE kind, noise level ``a``, step counts, CFG and which steps are stochastic/trained.
+
+    ``train_steps`` denoising steps when sampling for training, ``eval_steps`` (ODE) for evaluation — Flow-GRPO's
+    denoising reduction. ``timestep_fraction`` of the stochastic steps are trained (Flow-GRPO: 0.99 → 9 of 10; the
+    last, tiny-std step is never trained). ``sde_window`` > 0 makes only a window of that many steps stochastic
+    (Flow-GRPO-Fast); its start is drawn per group in ``[window_start_min, window_start_max)``.
+    """
+
+    kind: str = "sde"  # sde | cps
+    noise_level: float = 0.7
+    density: str = "gaussian"  # gaussian | squared_error (CPS only)
+    train_steps: int = 10
+    eval_steps: int = 40
+    guidance_scale: float = 4.5
+    eval_guidance_scale: float = 4.5
+    timestep_fraction: float = 0.99
+    sde_window: int = 0
+    window_start_min: int = 0
+    window_start_max: int = -1  # -1: train_steps // 2
+
+
+@dataclass
+class AlgorithmConfig:
+    """Update rule: advantage estimator, clipping, policy loss, KL to the reference, inner epochs."""
+
+    name: str = "flow_grpo"
+    advantage: str = "grpo"  # see flowrl.core.ADVANTAGE_ESTIMATORS
+    advantage_eps: float = 1e-4
+    advantage_clip: float = 5.0
+    policy_loss: str = "ppo_clip"  # see flowrl.core.POLICY_LOSSES
+    clip_range: float = 1e-4
+    clip_range_high: float | None = None
+    loss_aggregation: str = "step_mean"
+    kl_beta: float = 0.04
+    kl_std: str = "transition"  # transition (exact KL) | reference (Flow-GRPO code: divides by std_t², not s²)
+    inner_epochs: int = 1
+
+
+@dataclass
+class RewardConfig:
+    """Reward by registry name (see :mod:`flowrl.rewards`) with constructor arguments."""
+
+    name: str = "geneval_shapes"
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Prompt files: GenEval metadata JSON lines (training split and held-out split)."""
+
+    train: str = "assets/prompts/shapes_train.jsonl"
+    test: str = "assets/prompts/shapes_test.jsonl"
+    balance_tags: bool = True  # draw training prompts with equal probability per GenEval tag
+
+
+@dataclass
+class TrainerConfig:
+    """Loop sizes, optimiser, EMA, logging and checkpointing.
+
+    Per epoch ``groups_per_epoch`` prompts × ``group_size`` images are sampled across all ranks; each rank rolls out
+    and trains its share in micro-batches of ``micro_batch`` samples; ``optimizer_steps_per_epoch`` splits an epoch's
+    gradient accumulation (over samples and trained steps) into that many optimizer steps.
+    """
+
+    seed: int = 0
+    epochs: int = 100
+    group_size: int = 24
+    groups_per_epoch: int = 48
+    micro_batch: int = 8
+    optimizer_steps_per_epoch: int = 2
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    ema: bool = True
+    ema_decay: float = 0.9
+    ema_every: int = 8
+    mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
+    eval_every: int = 0  # epochs; 0 = only the final evaluation
+    eval_images_per_prompt: int = 4
+    eval_max_prompts: int = 0  # 0 = all held-out prompts
+    eval_batch: int = 32
+    eval_base: bool = True
+    save_every: int = 0  # epochs; 0 = only at the end
+    log_images_every: int = 10
+    output_dir: str = "runs/flowgrpo"
+    threads: int = 0  # torch CPU threads; 0 = torch default
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def register_configs() -> None:
+    """Register the schema with Hydra's ConfigStore as ``train_schema`` (used by ``configs/train.yaml``)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot train correctly; the message says what to change."""
+
+
+@dataclass
+class Derived:
+    """Numbers derived from the config for one rank: samples per epoch (global and per rank), micro-batches per
+    rank, micro-batches per optimizer step, trained steps per trajectory."""
+
+    samples_per_epoch: int
+    samples_per_rank: int
+    micro_batches_per_rank: int
+    micro_batches_per_opt_step: int
+
+
+def validate(cfg: TrainConfig, world_size: int = 1) -> Derived:
+    """Check the configuration and derive per-rank batch arithmetic.
+
+    Raises:
+        ConfigError: with a message naming the keys to change.
+    """
+    t, s, a = cfg.trainer, cfg.sampler, cfg.algorithm
+    errs = []
+    if t.group_size < 2:
+        errs.append(f"trainer.group_size={t.group_size}: group-relative advantages need at least 2 images per prompt")
+    n = t.group_size * t.groups_per_epoch
+    if n % world_size:
+        errs.append(f"trainer.group_size × trainer.groups_per_epoch = {n} samples per epoch does not divide across "
+                    f"{world_size} ranks; make it a multiple of {world_size}")
+    per_rank = n // max(world_size, 1)
+    if t.micro_batch <= 0 or per_rank % t.micro_batch:
+        errs.append(f"each rank gets {per_rank} samples per epoch, not a multiple of trainer.micro_batch="
+                    f"{t.micro_batch}; pick a micro_batch that divides {per_rank}")
+    mb = per_rank // t.micro_batch if t.micro_batch > 0 else 0
+    if t.optimizer_steps_per_epoch <= 0 or (mb and mb % t.optimizer_steps_per_epoch):
+        errs.append(f"{mb} micro-batches per rank per epoch cannot be split into trainer.optimizer_steps_per_epoch="
+                    f"{t.optimizer_steps_per_epoch} equal optimizer steps; use a divisor of {mb}")
+    if s.kind not in ("sde", "cps"):
+        errs.append(f"sampler.kind={s.kind!r}: choose 'sde' or 'cps'")
+    if s.noise_level <= 0:
+        errs.append("sampler.noise_level must be > 0 for a likelihood-ratio update (0 is the ODE: no log-probability); "
+                    "use it only for evaluation")
+    if s.density not in ("gaussian", "squared_error") or (s.density == "squared_error" and s.kind != "cps"):
+        errs.append(f"sampler.density={s.density!r}: 'gaussian', or 'squared_error' with sampler.kind=cps only")
+    if s.train_steps < 2:
+        errs.append("sampler.train_steps must be at least 2")
+    if s.eval_steps < s.train_steps:
+        errs.append(f"sampler.eval_steps={s.eval_steps} < sampler.train_steps={s.train_steps}: evaluation should use "
+                    "at least as many ODE steps as training (denoising reduction trains with fewer)")
+    if not 0 < s.timestep_fraction <= 1:
+        errs.append("sampler.timestep_fraction must be in (0, 1]")
+    if s.sde_window:
+        hi = s.window_start_max if s.window_start_max >= 0 else s.train_steps // 2
+        if s.sde_window < 0 or s.window_start_min < 0 or hi <= s.window_start_min or hi - 1 + s.sde_window > s.train_steps - 1:
+            errs.append(f"SDE window of {s.sde_window} steps starting in [{s.window_start_min}, {hi}) does not fit in "
+                        f"the {s.train_steps - 1} trainable steps; shrink sampler.sde_window or the start range")
+    if a.kl_beta < 0:
+        errs.append("algorithm.kl_beta must be ≥ 0")
+    if a.kl_std not in ("transition", "reference"):
+        errs.append("algorithm.kl_std must be 'transition' or 'reference'")
+    if a.clip_range <= 0 and a.policy_loss == "ppo_clip":
+        errs.append("algorithm.clip_range must be > 0 for ppo_clip")
+    if a.inner_epochs < 1:
+        errs.append("algorithm.inner_epochs must be ≥ 1")
+    from flowrl.core import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
+
+    if a.advantage not in ADVANTAGE_ESTIMATORS:
+        errs.append(f"algorithm.advantage={a.advantage!r}: choose from {sorted(ADVANTAGE_ESTIMATORS)}")
+    if a.policy_loss not in POLICY_LOSSES:
+        errs.append(f"algorithm.policy_loss={a.policy_loss!r}: choose from {sorted(POLICY_LOSSES)}")
+    if cfg.model.family != "sd3":
+        errs.append(f"model.family={cfg.model.family!r}: this version ships the 'sd3' adapter")
+    if cfg.model.dtype not in ("float32", "float16", "bfloat16"):
+        errs.append("model.dtype must be float32, float16 or bfloat16")
+    if errs:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errs))
+    return Derived(samples_per_epoch=n, samples_per_rank=per_rank, micro_batches_per_rank=mb,
+                   micro_batches_per_opt_step=mb // t.optimizer_steps_per_epoch)

@@ -1,0 +1,432 @@
+"""The Flow-GRPO training loop, model-agnostic: rollout → reward → advantages → per-step PPO update → EMA/eval.
+
+One epoch (Flow-GRPO, arXiv 2505.05470, Alg. 1; recipe in ``shared/REFERENCE.md`` §3):
+
+1. Sample ``groups_per_epoch`` prompts (the same list on every rank, from ``seed`` and the epoch) and ``group_size``
+   images per prompt; the flat list of samples is split across ranks, so a group may span ranks. Sample ``i`` of the
+   epoch draws its initial noise and its SDE noise from its own generator seeded by ``(seed, epoch, i)``, so the data
+   do not depend on the number of ranks or the micro-batch size.
+2. Roll out with the SDE/CPS sampler (CFG as one batched forward, prompt embeddings encoded once per group), decode,
+   score with the reward; gather rewards of all ranks; advantages per group (or with the global std), clamped.
+3. For each micro-batch and each trained step: recompute the step's log-probability with gradients (same batch as
+   the rollout, so the first ratio is exactly 1), PPO-clip loss on the per-step ratio plus β·KL to the reference
+   (the same transformer with LoRA disabled, closed-form Gaussian KL), summed and divided by the global number of
+   trained (sample, step) pairs of the optimizer step; gradients of the LoRA are all-reduced across ranks.
+4. EMA of the LoRA weights (used for evaluation), logging, image grids, checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flowrl.config import Derived, TrainConfig, validate
+from flowrl.core import compute_advantages, POLICY_LOSSES, aggregate_loss
+from flowrl.evaluation import evaluate, markdown_table, save_grid, to_uint8
+from flowrl.flow.rollout import Trajectory, sample_trajectory, step_fn
+from flowrl.flow.sde import kl_gaussian_means
+from flowrl.rewards import check_reward_output, load_reward
+from flowrl.shapes.prompts import read_jsonl
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class EMA:
+    """Exponential moving average of parameters (Flow-GRPO: decay 0.9, updated every 8 optimizer steps), with the
+    usual warm-up ``decay_k = min(decay, (1 + k) / (10 + k))`` at the k-th update."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float, every: int):
+        self.params, self.decay, self.every = params, decay, max(1, every)
+        self.shadow = [p.detach().clone() for p in params]
+        self.updates = 0
+
+    @torch.no_grad()
+    def step(self, optimizer_step: int) -> None:
+        if optimizer_step % self.every:
+            return
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1 - d)
+        self.updates += 1
+
+    def swapped(self):
+        """Context manager: the EMA weights are in the model inside the block, the live weights are restored after."""
+        ema = self
+
+        class _Swap:
+            def __enter__(self_inner):
+                self_inner.backup = [p.detach().clone() for p in ema.params]
+                with torch.no_grad():
+                    for p, s in zip(ema.params, ema.shadow):
+                        p.copy_(s)
+
+            def __exit__(self_inner, *exc):
+                with torch.no_grad():
+                    for p, b in zip(ema.params, self_inner.backup):
+                        p.copy_(b)
+                return False
+
+        return _Swap()
+
+
+@dataclass
+class EpochBatch:
+    """This rank's share of an epoch: prompts, metadata, group ids and global sample indices (each length n)."""
+
+    prompts: list[str]
+    metadata: list[dict]
+    group_ids: torch.Tensor
+    sample_ids: list[int]
+    noise_levels: torch.Tensor  # [n, T]
+    train_mask: torch.Tensor  # [n, T]
+
+
+def train_step_mask(num_steps: int, timestep_fraction: float) -> torch.Tensor:
+    """``[T]`` bool: the first ``floor(T·fraction)`` steps are trainable (Flow-GRPO's ``timestep_fraction``; 0.99 of
+    10 steps trains 9 and leaves out the last, tiny-std step)."""
+    k = max(1, int(num_steps * timestep_fraction))
+    return torch.arange(num_steps) < k
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed of sample ``index`` of ``epoch``: independent of ranks and micro-batching."""
+    return (seed * 1_000_000_007 + epoch * 1_000_003 + index) % (2**63 - 1)
+
+
+def make_epoch(cfg: TrainConfig, train_md: list[dict], epoch: int, rank: int, world: int) -> EpochBatch:
+    """Draw the epoch's prompt groups (identical on every rank) and return this rank's slice."""
+    t, s = cfg.trainer, cfg.sampler
+    rng = np.random.default_rng([cfg.trainer.seed, epoch])
+    replace = t.groups_per_epoch > len(train_md)
+    p = None
+    if cfg.data.balance_tags:
+        tags = [m.get("tag", "") for m in train_md]
+        counts = {tg: tags.count(tg) for tg in set(tags)}
+        p = np.array([1.0 / (counts[tg] * len(counts)) for tg in tags])
+        p /= p.sum()
+        replace = replace or bool((p * t.groups_per_epoch > 1).any())
+    chosen = rng.choice(len(train_md), size=t.groups_per_epoch, replace=replace, p=p)
+    n_steps = s.train_steps
+    base_mask = train_step_mask(n_steps, s.timestep_fraction)
+    levels = torch.full((t.groups_per_epoch, n_steps), float(s.noise_level))
+    if s.sde_window:
+        hi = s.window_start_max if s.window_start_max >= 0 else n_steps // 2
+        starts = rng.integers(s.window_start_min, hi, size=t.groups_per_epoch)
+        steps = torch.arange(n_steps)
+        win = (steps[None] >= torch.as_tensor(starts)[:, None]) & (steps[None] < torch.as_tensor(starts)[:, None] + s.sde_window)
+        levels = levels * win
+    g = t.group_size
+    n = g * t.groups_per_epoch
+    per_rank = n // world
+    idx = list(range(rank * per_rank, (rank + 1) * per_rank))
+    gid = [i // g for i in idx]
+    lv = levels[gid]
+    return EpochBatch(prompts=[train_md[chosen[k]]["prompt"] for k in gid],
+                      metadata=[train_md[chosen[k]] for k in gid], group_ids=torch.tensor(gid),
+                      sample_ids=idx, noise_levels=lv, train_mask=base_mask[None].expand_as(lv) & (lv > 0))
+
+
+class Trainer:
+    """Flow-GRPO trainer over a model adapter (see :mod:`flowrl.models`). Construct, then :meth:`run`.
+
+    Raises (at construction, before any work):
+        flowrl.config.ConfigError: impossible batch arithmetic or a refused combination.
+        FileNotFoundError / ValueError: missing model path, missing or malformed prompt files.
+        KeyError: unknown reward name.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        t = cfg.trainer
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.acc = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
+        self.derived: Derived = validate(cfg, self.acc.num_processes)
+        self.train_md = read_jsonl(cfg.data.train)
+        self.test_md = read_jsonl(cfg.data.test)
+        self.reward_fn = load_reward(cfg.reward.name, **dict(cfg.reward.args))
+        self.out = Path(t.output_dir)
+        self.adapter = self._load_adapter()
+        torch.manual_seed(t.seed)
+        self.params = self.adapter.add_lora(cfg.model.lora_rank, cfg.model.lora_alpha, list(cfg.model.lora_targets),
+                                            init_seed=t.seed)
+        for p in self.params:
+            p.data = p.data.float()
+        if cfg.model.gradient_checkpointing:
+            self.adapter.transformer.enable_gradient_checkpointing()
+        self.opt = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
+        self.ema = EMA(self.params, t.ema_decay, t.ema_every) if t.ema else None
+        self.sigmas = self.adapter.sigmas(cfg.sampler.train_steps)
+        self.step_fn = step_fn(cfg.sampler.kind, float(self.sigmas[1]), cfg.sampler.density)
+        self.policy_loss = POLICY_LOSSES[cfg.algorithm.policy_loss]
+        self.opt_steps = 0
+        self.writer = None
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out / "tensorboard"))
+            (self.out / "config.json").write_text(json.dumps(_to_dict(cfg), indent=2))
+
+    def _load_adapter(self):
+        from flowrl.models.sd3 import SD3Adapter
+
+        m = self.cfg.model
+        return SD3Adapter.from_pretrained(m.pretrained, dtype=DTYPES[m.dtype], device=self.acc.device,
+                                          max_sequence_length=m.max_sequence_length, load_t5=m.load_t5)
+
+    # ------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, eb: EpochBatch, epoch: int) -> tuple[list[Trajectory], list, dict[str, np.ndarray], np.ndarray]:
+        """Sample this rank's trajectories in micro-batches; returns trajectories, prompt embeddings per micro-batch,
+        reward columns ``{name: [n]}`` and the decoded uint8 images ``[n, H, W, 3]``."""
+        cfg, mb = self.cfg, self.cfg.trainer.micro_batch
+        res = cfg.model.resolution
+        trajs, conds, images, cols = [], [], [], []
+        cache: dict[str, object] = {}
+        for j in range(0, len(eb.prompts), mb):
+            prompts = eb.prompts[j : j + mb]
+            uniq = [p for p in dict.fromkeys(prompts) if p not in cache]
+            if uniq:  # encode each prompt once per epoch; a group shares its embedding
+                enc = self.adapter.encode(uniq)
+                cache.update({p: enc[k : k + 1] for k, p in enumerate(uniq)})
+            cond = type(cache[prompts[0]]).cat([cache[p] for p in prompts])
+            gens = [torch.Generator().manual_seed(sample_seed(cfg.trainer.seed, epoch, i))
+                    for i in eb.sample_ids[j : j + mb]]
+            x = self.adapter.initial_noise(gens, res, res)
+            traj = sample_trajectory(
+                lambda z, s: self.adapter.velocity(z, s, cond, cfg.sampler.guidance_scale), x, self.sigmas,
+                eb.noise_levels[j : j + mb], kind=cfg.sampler.kind, generators=gens,
+                train_mask=eb.train_mask[j : j + mb], density=cfg.sampler.density)
+            imgs = to_uint8(self.adapter.decode(traj.final))
+            out = check_reward_output(self.reward_fn(imgs, prompts, eb.metadata[j : j + mb]), len(imgs),
+                                      cfg.reward.name)
+            trajs.append(traj)
+            conds.append(cond)
+            images.append(imgs)
+            cols.append(out)
+        rewards = {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}
+        return trajs, conds, rewards, np.concatenate(images)
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        return self.acc.gather(x.to(self.acc.device)).cpu() if self.acc.num_processes > 1 else x
+
+    def advantages(self, eb: EpochBatch, rewards: np.ndarray) -> torch.Tensor:
+        """Gather the epoch's rewards from all ranks, compute advantages, return this rank's ``[n]`` slice."""
+        a = self.cfg.algorithm
+        r_all = self._gather(torch.as_tensor(rewards, dtype=torch.float32))
+        g_all = self._gather(eb.group_ids)
+        adv = compute_advantages(r_all, g_all, a.advantage, a.advantage_eps, a.advantage_clip)
+        rank, n = self.acc.process_index, len(eb.prompts)
+        return adv[rank * n : (rank + 1) * n]
+
+    def update(self, trajs: list[Trajectory], conds: list, adv: torch.Tensor) -> dict[str, float]:
+        """One pass (per inner epoch) of PPO-clip + KL over all micro-batches and trained steps; returns statistics."""
+        cfg, a = self.cfg, self.cfg.algorithm
+        d = self.derived
+        mb = cfg.trainer.micro_batch
+        stats: dict[str, list[float]] = {k: [] for k in ("loss", "policy_loss", "kl", "clipfrac", "ratio", "approx_kl")}
+        first_ratio_dev = None
+        for _inner in range(a.inner_epochs):
+            order = list(range(len(trajs)))
+            for part in range(cfg.trainer.optimizer_steps_per_epoch):
+                chunk_ids = order[part * d.micro_batches_per_opt_step : (part + 1) * d.micro_batches_per_opt_step]
+                local = sum(int(trajs[c].train_mask.sum()) for c in chunk_ids)
+                count = self._gather(torch.tensor([local])).sum().item()
+                if count == 0:
+                    continue
+                scale = self.acc.num_processes / count
+                for c in chunk_ids:
+                    tr, cond = trajs[c], conds[c]
+                    a_mb = adv[c * mb : (c + 1) * mb]
+                    for t in torch.nonzero(tr.train_mask.any(0)).flatten().tolist():
+                        m = tr.train_mask[:, t]
+                        x_t, x_next = tr.latents[:, t], tr.latents[:, t + 1]
+                        sig = self.sigmas[t].expand(x_t.shape[0])
+                        v = self.adapter.velocity(x_t, sig, cond, cfg.sampler.guidance_scale)
+                        out = self.step_fn(x_t, v, self.sigmas[t], self.sigmas[t + 1], tr.noise_levels[:, t],
+                                           prev_sample=x_next)
+                        pl = self.policy_loss(out.log_prob[:, None], tr.log_probs[:, t : t + 1], a_mb, m[:, None],
+                                              a.clip_range, a.clip_range_high)
+                        loss = aggregate_loss(pl.loss, m[:, None], "step_mean", normaliser=1.0)
+                        kl = torch.zeros(())
+                        if a.kl_beta > 0:
+                            with torch.no_grad(), self.adapter.reference():
+                                v_ref = self.adapter.velocity(x_t, sig, cond, cfg.sampler.guidance_scale)
+                            mean_ref = self.step_fn(x_t, v_ref, self.sigmas[t], self.sigmas[t + 1],
+                                                    tr.noise_levels[:, t], prev_sample=x_next).mean
+                            std = out.std
+                            if a.kl_std == "reference" and cfg.sampler.kind == "sde":
+                                std = out.std / torch.sqrt(self.sigmas[t] - self.sigmas[t + 1])
+                            kl_per = kl_gaussian_means(out.mean, mean_ref, std) * m
+                            kl = kl_per.sum()
+                            loss = loss + a.kl_beta * kl
+                        (loss * scale).backward()
+                        with torch.no_grad():
+                            r = pl.ratio[m, 0]
+                            if first_ratio_dev is None and r.numel():
+                                first_ratio_dev = (r - 1).abs().max().item()
+                            k = max(int(m.sum()), 1)
+                            stats["policy_loss"].append(pl.loss.sum().item() / k)
+                            stats["kl"].append(kl.item() / k)
+                            stats["clipfrac"].append(pl.clipped.float().sum().item() / k)
+                            stats["ratio"].append(r.mean().item() if r.numel() else 1.0)
+                            lr_ = (out.log_prob - tr.log_probs[:, t])[m]
+                            stats["approx_kl"].append(0.5 * (lr_**2).mean().item() if lr_.numel() else 0.0)
+                self._optimizer_step()
+        res = {k: float(np.mean(v)) for k, v in stats.items() if v}
+        res["first_ratio_max_dev"] = float(first_ratio_dev if first_ratio_dev is not None else 0.0)
+        return res
+
+    def _optimizer_step(self) -> None:
+        if self.acc.num_processes > 1:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad = self.acc.reduce(p.grad, reduction="mean")
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.trainer.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.opt_steps += 1
+        if self.ema is not None:
+            self.ema.step(self.opt_steps)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def save(self, name: str) -> Path | None:
+        """Save the LoRA (``lora/``; loadable by ``pipeline.load_lora_weights``), its EMA (``lora_ema/``) and the
+        optimizer state into ``checkpoints/<name>`` (written to a temporary folder, then renamed)."""
+        self.acc.wait_for_everyone()
+        if not self.acc.is_main_process:
+            return None
+        final = self.out / "checkpoints" / name
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.adapter.save_lora(tmp / "lora")
+        if self.ema is not None:
+            with self.ema.swapped():
+                self.adapter.save_lora(tmp / "lora_ema")
+        torch.save({"optimizer": self.opt.state_dict(), "opt_steps": self.opt_steps,
+                    "ema": self.ema.shadow if self.ema else None}, tmp / "trainer_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+
+    def evaluate_heldout(self, label: str, use_ema: bool = True, base: bool = False) -> dict:
+        """Held-out GenEval-style evaluation (ODE, ``eval_steps``, fixed seeds) of the base model or the trained one."""
+        cfg, t = self.cfg, self.cfg.trainer
+        md = self.test_md[: t.eval_max_prompts] if t.eval_max_prompts else self.test_md
+        kwargs = dict(images_per_prompt=t.eval_images_per_prompt, steps=cfg.sampler.eval_steps,
+                      guidance_scale=cfg.sampler.eval_guidance_scale, resolution=cfg.model.resolution,
+                      seed=10_000 + t.seed, batch=t.eval_batch, out_dir=self.out / "eval" / label,
+                      progress=self.acc.is_main_process)
+        if base:
+            with self.adapter.reference():
+                return evaluate(self.adapter, md, self.reward_fn, **kwargs)
+        if use_ema and self.ema is not None:
+            with self.ema.swapped():
+                return evaluate(self.adapter, md, self.reward_fn, **kwargs)
+        return evaluate(self.adapter, md, self.reward_fn, **kwargs)
+
+    def _log(self, scalars: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, step)
+
+    def run(self) -> dict:
+        """Train for ``trainer.epochs`` epochs, then evaluate base vs trained on the held-out prompts.
+
+        Returns:
+            ``{"base": summary, "trained": summary, "history": [...]}``.
+
+        Raises:
+            RuntimeError: if a reward is NaN/inf (after saving a checkpoint and the offending images).
+        """
+        from tqdm.auto import tqdm
+
+        cfg, t = self.cfg, self.cfg.trainer
+        rank, world = self.acc.process_index, self.acc.num_processes
+        history = []
+        results: dict = {}
+        if t.eval_base and self.acc.is_main_process:
+            results["base"] = self.evaluate_heldout("base", base=True)
+        bar = tqdm(range(t.epochs), desc="flow-grpo", disable=not self.acc.is_main_process)
+        for epoch in bar:
+            t0 = time.time()
+            eb = make_epoch(cfg, self.train_md, epoch, rank, world)
+            trajs, conds, cols, images = self.rollout(eb, epoch)
+            t1 = time.time()
+            rewards = cols["reward"]
+            bad = ~np.isfinite(rewards)
+            if bad.any() or not np.isfinite(self._gather(torch.as_tensor(rewards)).numpy()).all():
+                path = self.save(f"nan_reward_epoch_{epoch:04d}")
+                if self.acc.is_main_process:
+                    save_grid(images, self.out / "nan_reward_images.png")
+                prompts = sorted({eb.prompts[i] for i in np.flatnonzero(bad)})
+                raise RuntimeError(
+                    f"reward {cfg.reward.name!r} returned NaN/inf at epoch {epoch} for prompts {prompts[:5]}; "
+                    f"training stopped. The LoRA and optimizer state were saved to {path} and the images to "
+                    f"{self.out / 'nan_reward_images.png'}; fix the reward and resume from there.")
+            adv = self.advantages(eb, rewards)
+            stats = self.update(trajs, conds, adv)
+            t2 = time.time()
+            r_all = self._gather(torch.as_tensor(rewards))
+            log = {"reward/mean": float(r_all.mean()), "reward/std": float(r_all.std()),
+                   "train/kl": stats.get("kl", 0.0), "train/clipfrac": stats.get("clipfrac", 0.0),
+                   "train/policy_loss": stats.get("policy_loss", 0.0), "train/ratio": stats.get("ratio", 1.0),
+                   "train/approx_kl": stats.get("approx_kl", 0.0),
+                   "train/first_ratio_max_dev": stats["first_ratio_max_dev"],
+                   "time/rollout_s": t1 - t0, "time/update_s": t2 - t1}
+            for k, v in cols.items():
+                if k != "reward":
+                    log[f"reward/{k}"] = float(self._gather(torch.as_tensor(v)).mean())
+            history.append({"epoch": epoch, **log})
+            self._log(log, epoch)
+            bar.set_postfix(reward=f"{log['reward/mean']:.3f}", kl=f"{log['train/kl']:.2e}",
+                            clip=f"{log['train/clipfrac']:.2f}")
+            if self.acc.is_main_process and t.log_images_every and epoch % t.log_images_every == 0:
+                p = save_grid(images[: min(len(images), 32)], self.out / "images" / f"epoch_{epoch:04d}.png")
+                if self.writer is not None:
+                    from PIL import Image
+
+                    self.writer.add_image("samples", np.asarray(Image.open(p)), epoch, dataformats="HWC")
+            if t.save_every and (epoch + 1) % t.save_every == 0:
+                self.save(f"epoch_{epoch + 1:04d}")
+            if t.eval_every and (epoch + 1) % t.eval_every == 0 and self.acc.is_main_process:
+                s = self.evaluate_heldout(f"epoch_{epoch + 1:04d}")
+                self._log({"eval/overall": s["overall"]} if "overall" in s else {}, epoch)
+        self.save("final")
+        if self.acc.is_main_process:
+            results["trained"] = self.evaluate_heldout("trained")
+            results["history"] = history
+            (self.out / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+            if "base" in results:
+                table = markdown_table({"base": results["base"], "trained (EMA)": results["trained"]})
+                (self.out / "eval" / "comparison.md").write_text(table)
+                print("\nHeld-out evaluation (strict GenEval-style, ODE):\n" + table)
+                if "overall" in results["base"]:
+                    print(f"overall: base {results['base']['overall']:.4f} -> trained "
+                          f"{results['trained']['overall']:.4f} "
+                          f"({results['trained']['overall'] - results['base']['overall']:+.4f})")
+            if self.writer is not None:
+                self.writer.close()
+        return results
+
+
+def _to_dict(cfg) -> dict:
+    try:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(OmegaConf.structured(cfg) if not hasattr(cfg, "_metadata") else cfg, resolve=True)
+    except Exception:  # plain dataclass
+        return asdict(cfg)

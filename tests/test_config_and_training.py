@@ -1,0 +1,152 @@
+"""Config composition and validation, start-up errors, a 2-iteration training smoke run and the NaN-reward stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from flowrl.config import ConfigError, TrainConfig, register_configs, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+register_configs()
+
+
+def _compose(overrides=()):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+GROUP_OPTIONS = [(g.name, f.stem) for g in sorted(CONFIGS.iterdir()) if g.is_dir() and g.name != "experiment"
+                 for f in sorted(g.glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("group,option", GROUP_OPTIONS)
+def test_every_config_group_option_composes_and_validates(group, option):
+    cfg: TrainConfig = OmegaConf.to_object(_compose([f"{group}={option}"]))
+    d = validate(cfg)
+    assert d.samples_per_epoch == cfg.trainer.group_size * cfg.trainer.groups_per_epoch
+
+
+@pytest.mark.parametrize("exp", sorted(f.stem for f in (CONFIGS / "experiment").glob("*.yaml")))
+def test_experiments_compose(exp):
+    cfg: TrainConfig = OmegaConf.to_object(_compose([f"+experiment={exp}"]))
+    validate(cfg, world_size=8)
+    if exp == "sd3_5_medium_geneval":
+        assert cfg.model.pretrained == "stabilityai/stable-diffusion-3.5-medium"
+        assert cfg.trainer.group_size == 24 and cfg.trainer.groups_per_epoch == 48 and cfg.model.resolution == 512
+
+
+def test_unknown_key_fails_at_composition():
+    with pytest.raises(Exception, match="lora_rnk"):
+        _compose(["model.lora_rnk=4"])
+    with pytest.raises(Exception, match="not_a_key"):
+        _compose(["+trainer.not_a_key=1"])
+
+
+def test_impossible_batch_arithmetic_says_what_to_change():
+    cfg: TrainConfig = OmegaConf.to_object(_compose())
+    cfg.trainer.group_size, cfg.trainer.groups_per_epoch, cfg.trainer.micro_batch = 5, 3, 4
+    with pytest.raises(ConfigError, match="micro_batch"):
+        validate(cfg)
+    cfg.trainer.micro_batch = 5
+    with pytest.raises(ConfigError, match="does not divide across 2 ranks"):
+        validate(cfg, world_size=2)
+    cfg.trainer.micro_batch, cfg.trainer.optimizer_steps_per_epoch = 5, 2
+    with pytest.raises(ConfigError, match="optimizer_steps_per_epoch"):
+        validate(cfg)
+    cfg.trainer.optimizer_steps_per_epoch = 3
+    validate(cfg)
+    cfg.sampler.noise_level = 0.0
+    with pytest.raises(ConfigError, match="ODE"):
+        validate(cfg)
+    cfg.sampler.noise_level, cfg.sampler.sde_window = 0.7, 9
+    with pytest.raises(ConfigError, match="window"):
+        validate(cfg)
+
+
+def _small_cfg(model_path, out, **trainer):
+    cfg: TrainConfig = OmegaConf.to_object(_compose([f"model.pretrained={model_path}"]))
+    t = cfg.trainer
+    t.epochs, t.group_size, t.groups_per_epoch, t.micro_batch, t.optimizer_steps_per_epoch = 2, 4, 2, 4, 1
+    t.eval_max_prompts, t.eval_images_per_prompt, t.eval_batch, t.output_dir = 3, 1, 8, str(out)
+    t.save_every, t.log_images_every = 1, 1
+    cfg.sampler.train_steps, cfg.sampler.eval_steps = 4, 4
+    for k, v in trainer.items():
+        setattr(t, k, v)
+    return cfg
+
+
+def test_two_iteration_training_smoke(tiny_sd3_path, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from flowrl.trainer import Trainer
+
+    cfg = _small_cfg(tiny_sd3_path, tmp_path / "run")
+    tr = Trainer(cfg)
+    before = [p.detach().clone() for p in tr.params]
+    res = tr.run()
+    assert len(res["history"]) == 2
+    h0 = res["history"][0]
+    assert h0["train/first_ratio_max_dev"] == 0.0  # on-policy: the first ratio is exactly 1
+    assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in res["history"])
+    assert any((a - b).abs().max() > 0 for a, b in zip(tr.params, before))  # the LoRA moved
+    for key in ("overall", "tasks", "correct_images"):
+        assert key in res["base"] and key in res["trained"]
+    out = tmp_path / "run"
+    assert (out / "eval" / "comparison.md").is_file() and (out / "history.jsonl").is_file()
+    assert list((out / "tensorboard").iterdir()) and (out / "images" / "epoch_0000.png").is_file()
+    assert (out / "eval" / "base" / "images" / "00000" / "samples" / "0000.png").is_file()
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path, text_encoder_3=None, tokenizer_3=None)
+    pipe.load_lora_weights(out / "checkpoints" / "final" / "lora")  # loadable by diffusers
+
+
+def test_nan_reward_stops_after_saving(tiny_sd3_path, tmp_path, monkeypatch):
+    from flowrl import rewards
+    from flowrl.trainer import Trainer
+
+    (tmp_path / "nan_reward_mod.py").write_text(
+        "import numpy as np\n"
+        "class NaNReward:\n"
+        "    name = 'nan'\n"
+        "    def __call__(self, images, prompts, metadata):\n"
+        "        r = np.zeros(len(images), dtype=np.float32); r[1] = np.nan\n"
+        "        return {'reward': r}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(rewards.BUILTIN_REWARDS, "nan_test", "nan_reward_mod:NaNReward")
+    cfg = _small_cfg(tiny_sd3_path, tmp_path / "run", eval_base=False)
+    cfg.reward.name = "nan_test"
+    tr = Trainer(cfg)
+    with pytest.raises(RuntimeError, match="NaN/inf") as e:
+        tr.run()
+    assert "saved to" in str(e.value)
+    ckpt = tmp_path / "run" / "checkpoints" / "nan_reward_epoch_0000"
+    assert (ckpt / "lora").is_dir() and (ckpt / "trainer_state.pt").is_file()
+    assert (tmp_path / "run" / "nan_reward_images.png").is_file()
+
+
+def _script(*overrides, timeout=240):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train_flowgrpo.py"), *overrides],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_script_startup_errors_are_clear(tmp_path):
+    p = _script("model.lora_rnk=3")
+    assert p.returncode != 0 and "lora_rnk" in p.stderr
+    p = _script("model.pretrained=assets/no-such-model", f"trainer.output_dir={tmp_path}/a")
+    assert p.returncode == 2 and "model_index.json" in p.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n")
+    p = _script(f"data.train={bad}", f"trainer.output_dir={tmp_path}/b")
+    assert p.returncode == 2 and "bad.jsonl:1" in p.stderr
+    p = _script("trainer.group_size=3", "trainer.micro_batch=16", f"trainer.output_dir={tmp_path}/c")
+    assert p.returncode == 2 and "micro_batch" in p.stderr
