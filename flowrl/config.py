@@ -147,6 +147,27 @@ class ConfigError(ValueError):
     """A configuration that cannot train correctly; the message says what to change."""
 
 
+def to_train_config(cfg) -> TrainConfig:
+    """Convert a composed Hydra config to :class:`TrainConfig`, refusing keys the schema does not know (Hydra lets
+    ``+group.key=value`` add them; a typo there must not be silently ignored).
+
+    Raises:
+        ConfigError: naming every unknown key.
+    """
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    unknown = []
+    for f in dataclasses.fields(TrainConfig):
+        known = {g.name for g in dataclasses.fields(f.default_factory())}
+        unknown += [f"{f.name}.{k}" for k in cfg.get(f.name, {}) if k not in known]
+    unknown += [k for k in cfg if k not in {f.name for f in dataclasses.fields(TrainConfig)}]
+    if unknown:
+        raise ConfigError(f"unknown config keys {unknown}; check the spelling against flowrl/config.py")
+    return OmegaConf.to_object(cfg)
+
+
 @dataclass
 class Derived:
     """Numbers derived from the config for one rank: samples per epoch (global and per rank), micro-batches per

@@ -21,19 +21,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1") if not os.environ.get("FLOWRL_ALLOW
 os.chdir(Path(__file__).resolve().parent.parent)
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from flowrl.config import ConfigError, TrainConfig, register_configs
+from flowrl.config import ConfigError, TrainConfig, register_configs, to_train_config
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    train_cfg: TrainConfig = OmegaConf.to_object(cfg)
     from flowrl.trainer import Trainer
 
     try:
+        train_cfg: TrainConfig = to_train_config(cfg)
         trainer = Trainer(train_cfg)
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
