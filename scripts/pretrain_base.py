@@ -135,7 +135,13 @@ def train_transformer(args) -> None:
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
     print(f"transformer parameters: {n_params / 1e6:.2f} M", flush=True)
     rng = np.random.default_rng(args.seed + 1)
-    z_all, caps_all = latent_pool(pipe.vae, rng, args.pool)
+    cache = work / f"latent_pool_{args.pool}_seed{args.seed}.pt"
+    if cache.is_file():  # the pool depends only on the VAE, the seed and the size
+        z_all, caps_all = torch.load(cache)
+    else:
+        z_all, caps_all = latent_pool(pipe.vae, rng, args.pool)
+        torch.save((z_all, caps_all), cache)
+    rng = np.random.default_rng(args.seed + 3)  # training-loop randomness, independent of whether the pool was cached
     ema = copy.deepcopy(modules).requires_grad_(False)
     opt = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     total = args.steps
@@ -225,8 +231,8 @@ def main() -> None:
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4)
-    p.add_argument("--pool", type=int, default=150_000, help="number of pre-encoded scenes")
-    p.add_argument("--steps", type=int, default=12_000)
+    p.add_argument("--pool", type=int, default=40_000, help="number of pre-encoded scenes")
+    p.add_argument("--steps", type=int, default=5_000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.999)

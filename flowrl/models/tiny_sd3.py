@@ -33,7 +33,7 @@ TRANSFORMER_CONFIG = dict(
 )
 # Number of all-zero "T5" tokens appended by the pipeline when text_encoder_3 is None (its `max_sequence_length`).
 # Training mixes lengths so that the model works with flowrl's default (0) and with the pipeline's default (256).
-T5_LENGTHS, T5_PROBS = (0, 16, 256), (0.6, 0.25, 0.15)
+T5_LENGTHS, T5_PROBS = (0, 16, 256), (0.7, 0.2, 0.1)
 
 
 def t5_stub(tokenizer_dir: Path):
