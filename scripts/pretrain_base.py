@@ -10,10 +10,11 @@ Stages (run in order; each is reproducible from ``--seed`` and writes into ``--w
 3. ``assemble``: writes the diffusers folder (``model_index.json`` + components) that
    ``StableDiffusion3Pipeline.from_pretrained(path)`` loads, from the VAE and the EMA transformer/text encoders.
 
-Run (documented times on 2 CPU cores)::
+Run (the committed ``assets/shapes-sd3`` is exactly this, seed 0, default arguments; times measured on 2 CPU cores
+with other work running beside it)::
 
-    python scripts/pretrain_base.py --stage vae          # ~35 min
-    python scripts/pretrain_base.py --stage transformer  # ~60 min
+    python scripts/pretrain_base.py --stage vae          # 3,500 steps of 16: 47 min (≈35 min on idle cores)
+    python scripts/pretrain_base.py --stage transformer  # 40k-scene latent pool (4 min) + 5,000 steps of 64: ≈45 min
     python scripts/pretrain_base.py --stage assemble --out assets/shapes-sd3
 
 Needs ``pip install --no-deps open_clip_torch`` for the CLIP BPE vocabulary (see flowrl/models/clip_tokenizer.py).
