@@ -122,7 +122,7 @@ class TrainerConfig:
     save_every: int = 0  # epochs; 0 = only at the end
     log_images_every: int = 10
     output_dir: str = "runs/flowgrpo"
-    threads: int = 0  # torch CPU threads; 0 = torch default
+    threads: int = 0  # torch CPU threads; 0 = all cores shared among the local ranks (CPU only)
 
 
 @dataclass

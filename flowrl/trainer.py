@@ -148,9 +148,13 @@ class Trainer:
 
         self.cfg = cfg
         t = cfg.trainer
+        self.acc = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
+        # `accelerate launch` exports OMP_NUM_THREADS=1; on CPU give each local rank its share of the cores instead.
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.acc = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
+        elif self.acc.device.type == "cpu":
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.acc.num_processes))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
         self.derived: Derived = validate(cfg, self.acc.num_processes)
         self.train_md = read_jsonl(cfg.data.train)
         self.test_md = read_jsonl(cfg.data.test)
