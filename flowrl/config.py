@@ -68,7 +68,7 @@ class AlgorithmConfig:
     policy_loss: str = "ppo_clip"  # see flowrl.core.POLICY_LOSSES
     clip_range: float = 1e-4
     clip_range_high: float | None = None
-    loss_aggregation: str = "step_mean"
+    loss_aggregation: str = "step_mean"  # step_mean (Flow-GRPO) | seq_mean_step_mean
     kl_beta: float = 0.04
     kl_std: str = "transition"  # transition (exact KL) | reference (Flow-GRPO code: divides by std_t², not s²)
     inner_epochs: int = 1
@@ -226,6 +226,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> Derived:
         errs.append("algorithm.kl_std must be 'transition' or 'reference'")
     if a.clip_range <= 0 and a.policy_loss == "ppo_clip":
         errs.append("algorithm.clip_range must be > 0 for ppo_clip")
+    if a.loss_aggregation not in ("step_mean", "seq_mean_step_mean"):
+        errs.append(f"algorithm.loss_aggregation={a.loss_aggregation!r}: choose 'step_mean' or 'seq_mean_step_mean'")
     if a.inner_epochs < 1:
         errs.append("algorithm.inner_epochs must be ≥ 1")
     from flowrl.core import ADVANTAGE_ESTIMATORS, POLICY_LOSSES

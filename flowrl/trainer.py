@@ -245,7 +245,11 @@ class Trainer:
             order = list(range(len(trajs)))
             for part in range(cfg.trainer.optimizer_steps_per_epoch):
                 chunk_ids = order[part * d.micro_batches_per_opt_step : (part + 1) * d.micro_batches_per_opt_step]
-                local = sum(int(trajs[c].train_mask.sum()) for c in chunk_ids)
+                # Explicit global normaliser: trained (sample, step) pairs ("step_mean") or trained samples
+                # ("seq_mean_step_mean", each sample's steps averaged first) over all micro-batches and ranks.
+                per_sample = a.loss_aggregation == "seq_mean_step_mean"
+                local = sum(int(trajs[c].train_mask.any(1).sum() if per_sample else trajs[c].train_mask.sum())
+                            for c in chunk_ids)
                 count = self._gather(torch.tensor([local])).sum().item()
                 if count == 0:
                     continue
@@ -253,6 +257,7 @@ class Trainer:
                 for c in chunk_ids:
                     tr, cond = trajs[c], conds[c]
                     a_mb = adv[c * mb : (c + 1) * mb]
+                    w = (1.0 / tr.train_mask.sum(1).clamp_min(1).float()) if per_sample else torch.ones(len(a_mb))
                     for t in torch.nonzero(tr.train_mask.any(0)).flatten().tolist():
                         m = tr.train_mask[:, t]
                         x_t, x_next = tr.latents[:, t], tr.latents[:, t + 1]
@@ -262,7 +267,7 @@ class Trainer:
                                            prev_sample=x_next)
                         pl = self.policy_loss(out.log_prob[:, None], tr.log_probs[:, t : t + 1], a_mb, m[:, None],
                                               a.clip_range, a.clip_range_high)
-                        loss = aggregate_loss(pl.loss, m[:, None], "step_mean", normaliser=1.0)
+                        loss = aggregate_loss(pl.loss * w[:, None], m[:, None], "step_mean", normaliser=1.0)
                         kl = torch.zeros(())
                         if a.kl_beta > 0:
                             with torch.no_grad(), self.adapter.reference():
@@ -272,7 +277,7 @@ class Trainer:
                             std = out.std
                             if a.kl_std == "reference" and cfg.sampler.kind == "sde":
                                 std = out.std / torch.sqrt(self.sigmas[t] - self.sigmas[t + 1])
-                            kl_per = kl_gaussian_means(out.mean, mean_ref, std) * m
+                            kl_per = kl_gaussian_means(out.mean, mean_ref, std) * m * w
                             kl = kl_per.sum()
                             loss = loss + a.kl_beta * kl
                         (loss * scale).backward()
