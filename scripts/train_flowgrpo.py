@@ -16,7 +16,6 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1") if not os.environ.get("FLOWRL_ALLOW_HUB") else None
 # Run from the repository root so relative paths in configs (assets/...) resolve.
 os.chdir(Path(__file__).resolve().parent.parent)
 
