@@ -161,7 +161,6 @@ class Trainer:
         self.reward_fn = load_reward(cfg.reward.name, **dict(cfg.reward.args))
         self.out = Path(t.output_dir)
         self.adapter = self._load_adapter()
-        torch.manual_seed(t.seed)
         self.params = self.adapter.add_lora(cfg.model.lora_rank, cfg.model.lora_alpha, list(cfg.model.lora_targets),
                                             init_seed=t.seed)
         for p in self.params:
@@ -180,7 +179,7 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
-            (self.out / "config.json").write_text(json.dumps(_to_dict(cfg), indent=2))
+            (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     def _load_adapter(self):
         from flowrl.models.sd3 import SD3Adapter
@@ -430,12 +429,3 @@ class Trainer:
             if self.writer is not None:
                 self.writer.close()
         return results
-
-
-def _to_dict(cfg) -> dict:
-    try:
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(OmegaConf.structured(cfg) if not hasattr(cfg, "_metadata") else cfg, resolve=True)
-    except Exception:  # plain dataclass
-        return asdict(cfg)

@@ -11,7 +11,6 @@ is the overall score. Image ``k`` of prompt ``i`` uses seed ``seed + i·N + k`` 
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
