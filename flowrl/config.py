@@ -72,6 +72,10 @@ class AlgorithmConfig:
     kl_beta: float = 0.04
     kl_std: str = "transition"  # transition (exact KL) | reference (Flow-GRPO code: divides by std_t², not s²)
     inner_epochs: int = 1
+    # DAPO dynamic sampling: drop groups whose rewards are all equal and roll out further rounds of fresh groups
+    # until `trainer.groups_per_epoch` informative groups are collected (at most `dynamic_sampling_max_rounds`).
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 3
 
 
 @dataclass
@@ -228,6 +232,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> Derived:
         errs.append("algorithm.clip_range must be > 0 for ppo_clip")
     if a.loss_aggregation not in ("step_mean", "seq_mean_step_mean"):
         errs.append(f"algorithm.loss_aggregation={a.loss_aggregation!r}: choose 'step_mean' or 'seq_mean_step_mean'")
+    if a.dynamic_sampling_max_rounds < 1:
+        errs.append("algorithm.dynamic_sampling_max_rounds must be ≥ 1")
     if a.inner_epochs < 1:
         errs.append("algorithm.inner_epochs must be ≥ 1")
     from flowrl.core import ADVANTAGE_ESTIMATORS, POLICY_LOSSES

@@ -8,6 +8,8 @@ One epoch (Flow-GRPO, arXiv 2505.05470, Alg. 1; recipe in ``shared/REFERENCE.md`
    do not depend on the number of ranks or the micro-batch size.
 2. Roll out with the SDE/CPS sampler (CFG as one batched forward, prompt embeddings encoded once per group), decode,
    score with the reward; gather rewards of all ranks; advantages per group (or with the global std), clamped.
+   Optional dynamic sampling (DAPO): groups without reward spread are dropped and further rounds of fresh groups
+   are rolled out until ``groups_per_epoch`` informative groups are collected.
 3. For each micro-batch and each trained step: recompute the step's log-probability with gradients (same batch as
    the rollout, so the first ratio is exactly 1), PPO-clip loss on the per-step ratio plus β·KL to the reference
    (the same transformer with LoRA disabled, closed-form Gaussian KL), summed and divided by the global number of
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 
 from flowrl.config import Derived, TrainConfig, validate
-from flowrl.core import compute_advantages, POLICY_LOSSES, aggregate_loss
+from flowrl.core import POLICY_LOSSES, aggregate_loss, compute_advantages, informative_groups, select_groups
 from flowrl.evaluation import evaluate, markdown_table, save_grid, to_uint8
 from flowrl.flow.rollout import Trajectory, sample_trajectory, step_fn
 from flowrl.flow.sde import kl_gaussian_means
@@ -101,10 +103,15 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_000_007 + epoch * 1_000_003 + index) % (2**63 - 1)
 
 
-def make_epoch(cfg: TrainConfig, train_md: list[dict], epoch: int, rank: int, world: int) -> EpochBatch:
-    """Draw the epoch's prompt groups (identical on every rank) and return this rank's slice."""
+def make_epoch(cfg: TrainConfig, train_md: list[dict], epoch: int, rank: int, world: int,
+               round_: int = 0) -> EpochBatch:
+    """Draw the epoch's prompt groups (identical on every rank) and return this rank's slice.
+
+    ``round_ > 0`` draws a further, independent set of ``groups_per_epoch`` groups for dynamic sampling; its group
+    ids and sample ids continue after those of the earlier rounds (ids are unique within the epoch).
+    """
     t, s = cfg.trainer, cfg.sampler
-    rng = np.random.default_rng([cfg.trainer.seed, epoch])
+    rng = np.random.default_rng([cfg.trainer.seed, epoch] if round_ == 0 else [cfg.trainer.seed, epoch, round_])
     replace = t.groups_per_epoch > len(train_md)
     p = None
     if cfg.data.balance_tags:
@@ -130,8 +137,10 @@ def make_epoch(cfg: TrainConfig, train_md: list[dict], epoch: int, rank: int, wo
     gid = [i // g for i in idx]
     lv = levels[gid]
     return EpochBatch(prompts=[train_md[chosen[k]]["prompt"] for k in gid],
-                      metadata=[train_md[chosen[k]] for k in gid], group_ids=torch.tensor(gid),
-                      sample_ids=idx, noise_levels=lv, train_mask=base_mask[None].expand_as(lv) & (lv > 0))
+                      metadata=[train_md[chosen[k]] for k in gid],
+                      group_ids=torch.tensor(gid) + round_ * t.groups_per_epoch,
+                      sample_ids=[i + round_ * n for i in idx], noise_levels=lv,
+                      train_mask=base_mask[None].expand_as(lv) & (lv > 0))
 
 
 class Trainer:
@@ -190,9 +199,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def rollout(self, eb: EpochBatch, epoch: int) -> tuple[list[Trajectory], list, dict[str, np.ndarray], np.ndarray]:
-        """Sample this rank's trajectories in micro-batches; returns trajectories, prompt embeddings per micro-batch,
-        reward columns ``{name: [n]}`` and the decoded uint8 images ``[n, H, W, 3]``."""
+    def rollout(self, eb: EpochBatch, epoch: int) -> tuple[Trajectory, object, dict[str, np.ndarray], np.ndarray]:
+        """Sample this rank's trajectories in micro-batches; returns the trajectories ``[n, ...]``, their prompt
+        embeddings ``[n, ...]``, reward columns ``{name: [n]}`` and the decoded uint8 images ``[n, H, W, 3]``."""
         cfg, mb = self.cfg, self.cfg.trainer.micro_batch
         res = cfg.model.resolution
         trajs, conds, images, cols = [], [], [], []
@@ -219,49 +228,118 @@ class Trainer:
             images.append(imgs)
             cols.append(out)
         rewards = {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}
-        return trajs, conds, rewards, np.concatenate(images)
+        return Trajectory.cat(trajs), type(conds[0]).cat(conds), rewards, np.concatenate(images)
+
+    def collect(self, epoch: int) -> dict:
+        """Roll out and score one epoch's groups; with ``algorithm.dynamic_sampling`` keep only groups with reward
+        spread, rolling out further rounds of fresh groups until ``groups_per_epoch`` of them are collected (at most
+        ``dynamic_sampling_max_rounds`` rounds; the first ones in order are kept).
+
+        Returns:
+            ``traj``/``cond``/``adv``: this rank's training batch; ``cols``: reward columns of every sample this rank
+            rolled out; ``images``: round-0 images; ``rewards_all``: rewards of all ranks and rounds;
+            ``informative_frac``: share of round-0 groups with reward spread; ``groups``: groups trained on;
+            ``rounds``: rounds rolled out.
+
+        Raises:
+            RuntimeError: a NaN/inf reward (after saving a checkpoint and the offending images).
+        """
+        cfg, a = self.cfg, self.cfg.algorithm
+        rank, world = self.acc.process_index, self.acc.num_processes
+        rounds = a.dynamic_sampling_max_rounds if a.dynamic_sampling else 1
+        trajs, conds, cols, r_glob, g_glob, local_pos = [], [], [], [], [], []
+        images, offset, informative_frac = None, 0, 0.0
+        for rnd in range(rounds):
+            eb = make_epoch(cfg, self.train_md, epoch, rank, world, rnd)
+            traj, cond, c, imgs = self.rollout(eb, epoch)
+            rewards = c["reward"]
+            bad = ~np.isfinite(rewards)
+            r_all = self._gather(torch.as_tensor(rewards, dtype=torch.float32))
+            if bad.any() or not torch.isfinite(r_all).all():
+                path = self.save(f"nan_reward_epoch_{epoch:04d}")
+                if self.acc.is_main_process:
+                    save_grid(imgs, self.out / "nan_reward_images.png")
+                prompts = sorted({eb.prompts[i] for i in np.flatnonzero(bad)})
+                raise RuntimeError(
+                    f"reward {cfg.reward.name!r} returned NaN/inf at epoch {epoch} for prompts {prompts[:5]}; "
+                    f"training stopped. The LoRA and optimizer state were saved to {path} and the images to "
+                    f"{self.out / 'nan_reward_images.png'}; fix the reward and resume from there.")
+            g_all = self._gather(eb.group_ids)
+            n = len(eb.prompts)
+            local_pos.append(torch.arange(offset + rank * n, offset + (rank + 1) * n))
+            offset += len(r_all)
+            trajs.append(traj)
+            conds.append(cond)
+            cols.append(c)
+            r_glob.append(r_all)
+            g_glob.append(g_all)
+            if images is None:
+                images = imgs
+                informative_frac = float(torch.unique(g_all[informative_groups(r_all, g_all)]).numel()
+                                         / torch.unique(g_all).numel())
+            if a.dynamic_sampling:
+                r_cat, g_cat = torch.cat(r_glob), torch.cat(g_glob)
+                if torch.unique(g_cat[informative_groups(r_cat, g_cat)]).numel() >= cfg.trainer.groups_per_epoch:
+                    break
+        r_cat, g_cat = torch.cat(r_glob), torch.cat(g_glob)
+        if a.dynamic_sampling:
+            sel = select_groups(informative_groups(r_cat, g_cat), g_cat, cfg.trainer.groups_per_epoch)
+        else:
+            sel = torch.ones(len(r_cat), dtype=torch.bool)
+        adv = torch.zeros(len(r_cat))
+        if sel.any():
+            adv[sel] = compute_advantages(r_cat[sel], g_cat[sel], a.advantage, a.advantage_eps, a.advantage_clip)
+        pos = torch.cat(local_pos)
+        keep = sel[pos]
+        traj = Trajectory.cat(trajs).select(keep)
+        cond = type(conds[0]).cat(conds)[keep]
+        return {"traj": traj, "cond": cond, "adv": adv[pos][keep],
+                "cols": {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}, "images": images,
+                "rewards_all": r_cat, "informative_frac": informative_frac,
+                "groups": int(torch.unique(g_cat[sel]).numel()), "rounds": len(r_glob)}
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         return self.acc.gather(x.to(self.acc.device)).cpu() if self.acc.num_processes > 1 else x
 
-    def advantages(self, eb: EpochBatch, rewards: np.ndarray) -> torch.Tensor:
-        """Gather the epoch's rewards from all ranks, compute advantages, return this rank's ``[n]`` slice."""
-        a = self.cfg.algorithm
-        r_all = self._gather(torch.as_tensor(rewards, dtype=torch.float32))
-        g_all = self._gather(eb.group_ids)
-        adv = compute_advantages(r_all, g_all, a.advantage, a.advantage_eps, a.advantage_clip)
-        rank, n = self.acc.process_index, len(eb.prompts)
-        return adv[rank * n : (rank + 1) * n]
+    def update(self, traj: Trajectory, cond, adv: torch.Tensor) -> dict[str, float]:
+        """PPO-clip + KL over this rank's training batch, ``optimizer_steps_per_epoch`` optimizer steps per inner
+        epoch, each over a contiguous part of the batch in micro-batches, looping over the trained steps.
 
-    def update(self, trajs: list[Trajectory], conds: list, adv: torch.Tensor) -> dict[str, float]:
-        """One pass (per inner epoch) of PPO-clip + KL over all micro-batches and trained steps; returns statistics."""
+        Args:
+            traj: this rank's trajectories ``[n, ...]`` (any ``n``, e.g. after dynamic sampling).
+            cond: their prompt embeddings (indexable along the batch, e.g. :class:`~flowrl.models.sd3.PromptEmbeds`).
+            adv: ``[n]`` advantages.
+
+        Returns:
+            Mean statistics (policy_loss, kl, clipfrac, ratio, approx_kl) and ``first_ratio_max_dev``, the largest
+            ``|ratio - 1|`` of the first micro-batch step (exactly 0 when the update is on-policy).
+        """
         cfg, a = self.cfg, self.cfg.algorithm
-        d = self.derived
         mb = cfg.trainer.micro_batch
-        stats: dict[str, list[float]] = {k: [] for k in ("loss", "policy_loss", "kl", "clipfrac", "ratio", "approx_kl")}
+        n = traj.latents.shape[0]
+        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "kl", "clipfrac", "ratio", "approx_kl")}
         first_ratio_dev = None
+        per_sample = a.loss_aggregation == "seq_mean_step_mean"
+        parts = np.array_split(np.arange(n), cfg.trainer.optimizer_steps_per_epoch)
         for _inner in range(a.inner_epochs):
-            order = list(range(len(trajs)))
-            for part in range(cfg.trainer.optimizer_steps_per_epoch):
-                chunk_ids = order[part * d.micro_batches_per_opt_step : (part + 1) * d.micro_batches_per_opt_step]
+            for part in parts:
                 # Explicit global normaliser: trained (sample, step) pairs ("step_mean") or trained samples
-                # ("seq_mean_step_mean", each sample's steps averaged first) over all micro-batches and ranks.
-                per_sample = a.loss_aggregation == "seq_mean_step_mean"
-                local = sum(int(trajs[c].train_mask.any(1).sum() if per_sample else trajs[c].train_mask.sum())
-                            for c in chunk_ids)
+                # ("seq_mean_step_mean", each sample's steps averaged first) of this optimizer step on all ranks.
+                m_part = traj.train_mask[torch.as_tensor(part, dtype=torch.long)]
+                local = int(m_part.any(1).sum() if per_sample else m_part.sum())
                 count = self._gather(torch.tensor([local])).sum().item()
-                if count == 0:
+                if count == 0:  # identical decision on every rank (the count is global)
                     continue
                 scale = self.acc.num_processes / count
-                for c in chunk_ids:
-                    tr, cond = trajs[c], conds[c]
-                    a_mb = adv[c * mb : (c + 1) * mb]
+                for j in range(0, len(part), mb):
+                    ids = torch.as_tensor(part[j : j + mb], dtype=torch.long)
+                    tr, c, a_mb = traj.select(ids), cond[ids], adv[ids]
                     w = (1.0 / tr.train_mask.sum(1).clamp_min(1).float()) if per_sample else torch.ones(len(a_mb))
                     for t in torch.nonzero(tr.train_mask.any(0)).flatten().tolist():
                         m = tr.train_mask[:, t]
                         x_t, x_next = tr.latents[:, t], tr.latents[:, t + 1]
                         sig = self.sigmas[t].expand(x_t.shape[0])
-                        v = self.adapter.velocity(x_t, sig, cond, cfg.sampler.guidance_scale)
+                        v = self.adapter.velocity(x_t, sig, c, cfg.sampler.guidance_scale)
                         out = self.step_fn(x_t, v, self.sigmas[t], self.sigmas[t + 1], tr.noise_levels[:, t],
                                            prev_sample=x_next)
                         pl = self.policy_loss(out.log_prob[:, None], tr.log_probs[:, t : t + 1], a_mb, m[:, None],
@@ -270,7 +348,7 @@ class Trainer:
                         kl = torch.zeros(())
                         if a.kl_beta > 0:
                             with torch.no_grad(), self.adapter.reference():
-                                v_ref = self.adapter.velocity(x_t, sig, cond, cfg.sampler.guidance_scale)
+                                v_ref = self.adapter.velocity(x_t, sig, c, cfg.sampler.guidance_scale)
                             mean_ref = self.step_fn(x_t, v_ref, self.sigmas[t], self.sigmas[t + 1],
                                                     tr.noise_levels[:, t], prev_sample=x_next).mean
                             std = out.std
@@ -363,7 +441,6 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg, t = self.cfg, self.cfg.trainer
-        rank, world = self.acc.process_index, self.acc.num_processes
         history = []
         results: dict = {}
         if t.eval_base and self.acc.is_main_process:
@@ -371,29 +448,19 @@ class Trainer:
         bar = tqdm(range(t.epochs), desc="flow-grpo", disable=not self.acc.is_main_process)
         for epoch in bar:
             t0 = time.time()
-            eb = make_epoch(cfg, self.train_md, epoch, rank, world)
-            trajs, conds, cols, images = self.rollout(eb, epoch)
+            batch = self.collect(epoch)
             t1 = time.time()
-            rewards = cols["reward"]
-            bad = ~np.isfinite(rewards)
-            if bad.any() or not np.isfinite(self._gather(torch.as_tensor(rewards)).numpy()).all():
-                path = self.save(f"nan_reward_epoch_{epoch:04d}")
-                if self.acc.is_main_process:
-                    save_grid(images, self.out / "nan_reward_images.png")
-                prompts = sorted({eb.prompts[i] for i in np.flatnonzero(bad)})
-                raise RuntimeError(
-                    f"reward {cfg.reward.name!r} returned NaN/inf at epoch {epoch} for prompts {prompts[:5]}; "
-                    f"training stopped. The LoRA and optimizer state were saved to {path} and the images to "
-                    f"{self.out / 'nan_reward_images.png'}; fix the reward and resume from there.")
-            adv = self.advantages(eb, rewards)
-            stats = self.update(trajs, conds, adv)
+            stats = self.update(batch["traj"], batch["cond"], batch["adv"])
             t2 = time.time()
-            r_all = self._gather(torch.as_tensor(rewards))
+            cols, images = batch["cols"], batch["images"]
+            r_all = batch["rewards_all"]
             log = {"reward/mean": float(r_all.mean()), "reward/std": float(r_all.std()),
                    "train/kl": stats.get("kl", 0.0), "train/clipfrac": stats.get("clipfrac", 0.0),
                    "train/policy_loss": stats.get("policy_loss", 0.0), "train/ratio": stats.get("ratio", 1.0),
                    "train/approx_kl": stats.get("approx_kl", 0.0),
                    "train/first_ratio_max_dev": stats["first_ratio_max_dev"],
+                   "train/informative_groups": batch["informative_frac"],
+                   "train/groups": float(batch["groups"]), "train/rounds": float(batch["rounds"]),
                    "time/rollout_s": t1 - t0, "time/update_s": t2 - t1}
             for k, v in cols.items():
                 if k != "reward":

@@ -133,6 +133,11 @@ def train_transformer(args) -> None:
     pipe.set_progress_bar_config(disable=True)
     pipe.vae.requires_grad_(False)
     modules = torch.nn.ModuleList([pipe.transformer, pipe.text_encoder, pipe.text_encoder_2])
+    if args.init_from:  # continued pretraining: start from a saved pipeline's (EMA) weights, fresh optimizer/schedule
+        init = _load(Path(args.init_from))
+        for name in ("transformer", "text_encoder", "text_encoder_2"):
+            getattr(pipe, name).load_state_dict(getattr(init, name).state_dict())
+        print(f"initialised transformer and text encoders from {args.init_from}", flush=True)
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
     print(f"transformer parameters: {n_params / 1e6:.2f} M", flush=True)
     rng = np.random.default_rng(args.seed + 1)
@@ -147,7 +152,7 @@ def train_transformer(args) -> None:
     opt = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     total = args.steps
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 500) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
+        opt, lambda s: min(1.0, (s + 1) / args.warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
     _, held_out = split_metadata()
     gen = torch.Generator().manual_seed(args.seed + 2)
     t0 = time.time()
@@ -236,6 +241,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5_000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=500, help="linear learning-rate warm-up steps")
+    p.add_argument("--init-from", default=None,
+                   help="continue from this pipeline folder's transformer/text encoders (e.g. assets/shapes-sd3)")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--eval-every", type=int, default=2000)

@@ -168,16 +168,50 @@ def test_update_moves_log_probs_in_the_advantage_direction(tiny_sd3_path, tmp_pa
     cfg.algorithm.kl_beta = 0.0
     tr = Trainer(cfg)
     eb = make_epoch(cfg, tr.train_md, 0, 0, 1)
-    trajs, conds, cols, _ = tr.rollout(eb, 0)
+    traj, cond, cols, _ = tr.rollout(eb, 0)
     adv = torch.linspace(-1, 1, len(eb.prompts))[torch.randperm(len(eb.prompts), generator=torch.Generator().manual_seed(0))]
-    tr.update(trajs, conds, adv)
+    tr.update(traj, cond, adv)
     gain = 0.0
     with torch.no_grad():
-        for c, (traj, cond) in enumerate(zip(trajs, conds)):
-            a = adv[c * cfg.trainer.micro_batch:(c + 1) * cfg.trainer.micro_batch]
-            for t in torch.nonzero(traj.train_mask.any(0)).flatten().tolist():
-                v = tr.adapter.velocity(traj.latents[:, t], tr.sigmas[t].expand(len(a)), cond, cfg.sampler.guidance_scale)
-                out = tr.step_fn(traj.latents[:, t], v, tr.sigmas[t], tr.sigmas[t + 1], traj.noise_levels[:, t],
-                                 prev_sample=traj.latents[:, t + 1])
-                gain += float((a * (out.log_prob - traj.log_probs[:, t])).sum())
+        for t in torch.nonzero(traj.train_mask.any(0)).flatten().tolist():
+            v = tr.adapter.velocity(traj.latents[:, t], tr.sigmas[t].expand(len(adv)), cond, cfg.sampler.guidance_scale)
+            out = tr.step_fn(traj.latents[:, t], v, tr.sigmas[t], tr.sigmas[t + 1], traj.noise_levels[:, t],
+                             prev_sample=traj.latents[:, t + 1])
+            gain += float((adv * (out.log_prob - traj.log_probs[:, t])).sum())
     assert gain > 0
+
+
+def test_dynamic_sampling_keeps_only_informative_groups(tiny_sd3_path, tmp_path, monkeypatch):
+    """Groups whose rewards are all equal are dropped and refilled from further rollout rounds (DAPO)."""
+    from flowrl import rewards
+    from flowrl.trainer import Trainer
+
+    (tmp_path / "half_const_reward.py").write_text(
+        "import zlib\n"
+        "import numpy as np\n"
+        "class HalfConst:\n"
+        "    name = 'half'\n"
+        "    def __call__(self, images, prompts, metadata):\n"
+        "        # prompts with an even CRC get a constant reward (no spread), the others the image's mean pixel\n"
+        "        r = [0.5 if zlib.crc32(p.encode()) % 2 == 0 else float(im.mean()) / 255\n"
+        "             for im, p in zip(images, prompts)]\n"
+        "        return {'reward': np.asarray(r, dtype=np.float32)}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(rewards.BUILTIN_REWARDS, "half_const", "half_const_reward:HalfConst")
+    cfg = _small_cfg(tiny_sd3_path, tmp_path / "run", eval_base=False, groups_per_epoch=4)
+    cfg.reward.name = "half_const"
+    cfg.algorithm.dynamic_sampling, cfg.algorithm.dynamic_sampling_max_rounds = True, 4
+    tr = Trainer(cfg)
+    for epoch in range(3):
+        batch = tr.collect(epoch)
+        n_kept = len(batch["adv"])
+        assert batch["groups"] <= cfg.trainer.groups_per_epoch and n_kept == batch["groups"] * cfg.trainer.group_size
+        assert batch["traj"].latents.shape[0] == n_kept and batch["cond"].pooled.shape[0] == n_kept
+        assert (batch["adv"].view(-1, cfg.trainer.group_size).abs().sum(1) > 0).all()  # every kept group has signal
+        assert len(batch["rewards_all"]) == batch["rounds"] * 16
+        frac = batch["informative_frac"]
+        assert 0 <= frac <= 1
+        if frac < 1:  # round 0 had dead groups: more rounds were rolled out (up to the limit) to refill
+            assert batch["rounds"] > 1 or batch["groups"] == cfg.trainer.groups_per_epoch
+    stats = tr.update(batch["traj"], batch["cond"], batch["adv"])
+    assert stats["first_ratio_max_dev"] == 0.0

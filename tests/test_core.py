@@ -106,3 +106,19 @@ def test_seq_mean_step_mean_and_errors():
     assert aggregate_loss(loss, mask, "seq_mean_step_mean").item() == pytest.approx((2.0 + 2.0) / 2)
     with pytest.raises(ValueError, match="unknown loss aggregation"):
         aggregate_loss(loss, mask, "nope")
+
+
+def test_dynamic_sampling_selection_matches_loop():
+    from flowrl.core import informative_groups, select_groups
+
+    g = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 5, 5, 5, 3, 3, 3])
+    r = torch.tensor([1., 1, 1, 0, 1, 0, .5, .5, .5, 0, 0, .25, .3, .3, .3])
+    keep = informative_groups(r, g)
+    ref = torch.tensor([len(set(r[g == gi].tolist())) > 1 for gi in g.tolist()])
+    assert torch.equal(keep, ref) and keep.tolist().count(True) == 6
+    assert torch.equal(informative_groups(r, g, tol=0.2), torch.tensor([False] * 3 + [True] * 3 + [False] * 9))
+    one = select_groups(keep, g, 1)
+    assert set(g[one].tolist()) == {1}  # the first informative group in order of appearance
+    assert torch.equal(select_groups(keep, g, None), keep) and torch.equal(select_groups(keep, g, 9), keep)
+    with pytest.raises(ValueError, match="must both be"):
+        informative_groups(r, g[:-1])

@@ -49,6 +49,39 @@ def dr_grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: floa
     return (rewards.double() - mean).float()
 
 
+def informative_groups(rewards: torch.Tensor, group_ids: torch.Tensor, tol: float = 0.0) -> torch.Tensor:
+    """``[N]`` bool: the sample's group has reward spread (population std ``> tol``).
+
+    A group whose rewards are all equal has zero advantage under every group-baseline estimator, so its samples
+    carry no policy-gradient signal; DAPO's dynamic sampling (arXiv 2503.14476, Eq. 11: keep groups with
+    ``0 < |{correct}| < G``) drops them. For real-valued rewards "all correct / all wrong" becomes "zero spread".
+
+    Args:
+        rewards: ``[N]`` finite rewards (the whole epoch, gathered across ranks).
+        group_ids: ``[N]`` integer group id of each sample.
+        tol: a group with std ``≤ tol`` counts as zero-variance.
+
+    Raises:
+        ValueError: mismatched shapes.
+    """
+    if rewards.shape != group_ids.shape or rewards.ndim != 1:
+        raise ValueError(f"rewards {tuple(rewards.shape)} and group_ids {tuple(group_ids.shape)} must both be [N]")
+    _, std, _ = _group_stats(rewards, group_ids)
+    return std > tol
+
+
+def select_groups(keep: torch.Tensor, group_ids: torch.Tensor, max_groups: int | None = None) -> torch.Tensor:
+    """``[N]`` bool: samples of the first ``max_groups`` groups (in order of first appearance) among those with
+    ``keep`` true — how dynamic sampling fills a fixed-size batch from several rollout rounds. ``keep`` must be
+    constant within a group (as from :func:`informative_groups`). ``max_groups=None`` keeps every kept group."""
+    chosen: list[int] = []
+    for g in dict.fromkeys(group_ids[keep].tolist()):
+        if max_groups is not None and len(chosen) >= max_groups:
+            break
+        chosen.append(g)
+    return keep & torch.isin(group_ids, torch.tensor(chosen, dtype=group_ids.dtype))
+
+
 ADVANTAGE_ESTIMATORS: dict[str, Estimator] = {
     "grpo": grpo_advantages,
     "global_std": global_std_advantages,
