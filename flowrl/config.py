@@ -84,6 +84,9 @@ class RewardConfig:
 
     name: str = "geneval_shapes"
     args: dict[str, Any] = field(default_factory=dict)
+    # weighted_sum: advantages of the (possibly multi-) reward's `reward` column; gdpo: per-component advantages,
+    # weighted, summed and batch-normalised (needs reward=multi; see flowrl.core.multi_reward)
+    aggregation: str = "weighted_sum"
 
 
 @dataclass
@@ -232,6 +235,11 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> Derived:
         errs.append("algorithm.clip_range must be > 0 for ppo_clip")
     if a.loss_aggregation not in ("step_mean", "seq_mean_step_mean"):
         errs.append(f"algorithm.loss_aggregation={a.loss_aggregation!r}: choose 'step_mean' or 'seq_mean_step_mean'")
+    if cfg.reward.aggregation not in ("weighted_sum", "gdpo"):
+        errs.append(f"reward.aggregation={cfg.reward.aggregation!r}: choose 'weighted_sum' or 'gdpo'")
+    if cfg.reward.aggregation == "gdpo" and cfg.reward.name != "multi":
+        errs.append("reward.aggregation=gdpo normalises each reward component separately: use reward=multi with "
+                    "reward.args.components={name: weight, ...}")
     if a.dynamic_sampling_max_rounds < 1:
         errs.append("algorithm.dynamic_sampling_max_rounds must be ≥ 1")
     if a.inner_epochs < 1:

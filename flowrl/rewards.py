@@ -17,6 +17,9 @@ import numpy as np
 
 BUILTIN_REWARDS = {
     "geneval_shapes": "flowrl_rewards.geneval_shapes:GenEvalShapesReward",
+    "jpeg_compressibility": "flowrl_rewards.jpeg:JpegCompressibility",
+    "jpeg_incompressibility": "flowrl_rewards.jpeg:JpegIncompressibility",
+    "multi": "flowrl.rewards:MultiReward",
 }
 
 
@@ -60,3 +63,66 @@ def check_reward_output(out: dict[str, np.ndarray], batch: int, name: str) -> di
         if len(v) != batch:
             raise ValueError(f"reward {name!r} column {k!r} has {len(v)} values for {batch} images")
     return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+class MultiReward:
+    """Several registered rewards combined with weights (``reward=multi``).
+
+    ``components`` maps a registered reward name to its weight, or to ``{"weight": w, "args": {...}}`` (constructor
+    arguments). Columns returned: ``reward`` = ``Σ_k w_k r_k``; ``<name>`` = component ``k``'s own ``reward``;
+    ``<name>/<column>`` = its extra columns; an extra column that only one component has is also returned under its
+    bare name (so the shapes reward's ``strict`` still drives GenEval-style evaluation). With
+    ``reward.aggregation=gdpo`` the trainer ignores the summed ``reward`` and normalises each component separately
+    (:func:`flowrl.core.multi_reward.gdpo_advantages`); the components are listed in :attr:`weights`.
+
+    Example (one config line): ``reward=multi '+reward.args.components={geneval_shapes: 1.0, jpeg_compressibility: 0.1}'``.
+
+    Raises:
+        ValueError: no components, a non-finite weight or a malformed entry.
+        KeyError / ImportError: as :func:`load_reward`, for the component that fails (named in the message).
+    """
+
+    name = "multi"
+
+    def __init__(self, components: dict[str, Any]):
+        if not components:
+            raise ValueError("reward 'multi' needs reward.args.components = {name: weight, ...}")
+        self.weights: dict[str, float] = {}
+        self.rewards: dict[str, Reward] = {}
+        for cname, spec in dict(components).items():
+            if isinstance(spec, (int, float)):
+                weight, args = float(spec), {}
+            elif isinstance(spec, dict) or hasattr(spec, "items"):
+                spec = dict(spec)
+                unknown = set(spec) - {"weight", "args"}
+                if unknown:
+                    raise ValueError(f"reward component {cname!r}: unknown keys {sorted(unknown)}; use weight / args")
+                weight, args = float(spec.get("weight", 1.0)), dict(spec.get("args", {}) or {})
+            else:
+                raise ValueError(f"reward component {cname!r}: give a weight or {{weight: w, args: {{...}}}}, "
+                                 f"got {spec!r}")
+            if not np.isfinite(weight):
+                raise ValueError(f"reward component {cname!r}: weight {weight} is not finite")
+            try:
+                self.rewards[cname] = load_reward(cname, **args)
+            except (KeyError, ImportError) as e:
+                raise type(e)(f"reward component {cname!r} of 'multi' failed to load: {e}") from e
+            self.weights[cname] = weight
+
+    def __call__(self, images: np.ndarray, prompts: list[str], metadata: list[dict] | None) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        extras: dict[str, list[np.ndarray]] = {}
+        total = np.zeros(len(images), dtype=np.float64)
+        for cname, fn in self.rewards.items():
+            cols = check_reward_output(fn(images, prompts, metadata), len(images), cname)
+            out[cname] = cols["reward"]
+            total += self.weights[cname] * cols["reward"].astype(np.float64)
+            for k, v in cols.items():
+                if k != "reward":
+                    out[f"{cname}/{k}"] = v
+                    extras.setdefault(k, []).append(v)
+        for k, vs in extras.items():
+            if len(vs) == 1 and k not in out:
+                out[k] = vs[0]
+        out["reward"] = total.astype(np.float32)
+        return out

@@ -32,6 +32,7 @@ import torch
 
 from flowrl.config import Derived, TrainConfig, validate
 from flowrl.core import POLICY_LOSSES, aggregate_loss, compute_advantages, informative_groups, select_groups
+from flowrl.core.multi_reward import gdpo_advantages
 from flowrl.evaluation import evaluate, markdown_table, save_grid, to_uint8
 from flowrl.flow.rollout import Trajectory, sample_trajectory, step_fn
 from flowrl.flow.sde import kl_gaussian_means
@@ -168,6 +169,8 @@ class Trainer:
         self.train_md = read_jsonl(cfg.data.train)
         self.test_md = read_jsonl(cfg.data.test)
         self.reward_fn = load_reward(cfg.reward.name, **dict(cfg.reward.args))
+        # GDPO: the per-component reward columns whose advantages are normalised separately
+        self._components = list(self.reward_fn.weights) if cfg.reward.aggregation == "gdpo" else []
         self.out = Path(t.output_dir)
         self.adapter = self._load_adapter()
         self.params = self.adapter.add_lora(cfg.model.lora_rank, cfg.model.lora_alpha, list(cfg.model.lora_targets),
@@ -248,6 +251,7 @@ class Trainer:
         rank, world = self.acc.process_index, self.acc.num_processes
         rounds = a.dynamic_sampling_max_rounds if a.dynamic_sampling else 1
         trajs, conds, cols, r_glob, g_glob, local_pos = [], [], [], [], [], []
+        comp_glob: dict[str, list[torch.Tensor]] = {}
         images, offset, informative_frac = None, 0, 0.0
         for rnd in range(rounds):
             eb = make_epoch(cfg, self.train_md, epoch, rank, world, rnd)
@@ -265,6 +269,8 @@ class Trainer:
                     f"training stopped. The LoRA and optimizer state were saved to {path} and the images to "
                     f"{self.out / 'nan_reward_images.png'}; fix the reward and resume from there.")
             g_all = self._gather(eb.group_ids)
+            for k in self._components:
+                comp_glob.setdefault(k, []).append(self._gather(torch.as_tensor(c[k], dtype=torch.float32)))
             n = len(eb.prompts)
             local_pos.append(torch.arange(offset + rank * n, offset + (rank + 1) * n))
             offset += len(r_all)
@@ -275,19 +281,24 @@ class Trainer:
             g_glob.append(g_all)
             if images is None:
                 images = imgs
-                informative_frac = float(torch.unique(g_all[informative_groups(r_all, g_all)]).numel()
+                informative_frac = float(torch.unique(g_all[self._informative(r_all, g_all, comp_glob, 0)]).numel()
                                          / torch.unique(g_all).numel())
             if a.dynamic_sampling:
                 r_cat, g_cat = torch.cat(r_glob), torch.cat(g_glob)
-                if torch.unique(g_cat[informative_groups(r_cat, g_cat)]).numel() >= cfg.trainer.groups_per_epoch:
+                kept = self._informative(r_cat, g_cat, comp_glob)
+                if torch.unique(g_cat[kept]).numel() >= cfg.trainer.groups_per_epoch:
                     break
         r_cat, g_cat = torch.cat(r_glob), torch.cat(g_glob)
+        comps = {k: torch.cat(v) for k, v in comp_glob.items()}
         if a.dynamic_sampling:
-            sel = select_groups(informative_groups(r_cat, g_cat), g_cat, cfg.trainer.groups_per_epoch)
+            sel = select_groups(self._informative(r_cat, g_cat, comp_glob), g_cat, cfg.trainer.groups_per_epoch)
         else:
             sel = torch.ones(len(r_cat), dtype=torch.bool)
         adv = torch.zeros(len(r_cat))
-        if sel.any():
+        if sel.any() and comps:
+            adv[sel] = gdpo_advantages({k: v[sel] for k, v in comps.items()}, self.reward_fn.weights, g_cat[sel],
+                                       a.advantage, a.advantage_eps, a.advantage_clip)
+        elif sel.any():
             adv[sel] = compute_advantages(r_cat[sel], g_cat[sel], a.advantage, a.advantage_eps, a.advantage_clip)
         pos = torch.cat(local_pos)
         keep = sel[pos]
@@ -297,6 +308,15 @@ class Trainer:
                 "cols": {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}, "images": images,
                 "rewards_all": r_cat, "informative_frac": informative_frac,
                 "groups": int(torch.unique(g_cat[sel]).numel()), "rounds": len(r_glob)}
+
+    def _informative(self, rewards: torch.Tensor, group_ids: torch.Tensor, comp_glob: dict, last: int | None = None):
+        """``[N]`` bool: the group has spread in its reward (or, with GDPO, in any reward component); ``last``
+        restricts the components to one round (round 0 for the logged share)."""
+        keep = informative_groups(rewards, group_ids)
+        for parts in comp_glob.values():
+            c = parts[last] if last is not None else torch.cat(parts)
+            keep |= informative_groups(c, group_ids)
+        return keep
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         return self.acc.gather(x.to(self.acc.device)).cpu() if self.acc.num_processes > 1 else x

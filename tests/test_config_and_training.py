@@ -215,3 +215,26 @@ def test_dynamic_sampling_keeps_only_informative_groups(tiny_sd3_path, tmp_path,
             assert batch["rounds"] > 1 or batch["groups"] == cfg.trainer.groups_per_epoch
     stats = tr.update(batch["traj"], batch["cond"], batch["adv"])
     assert stats["first_ratio_max_dev"] == 0.0
+
+
+def test_gdpo_multi_reward_collect(tiny_sd3_path, tmp_path):
+    """reward=multi with aggregation=gdpo: components are gathered, advantages are batch-normalised GDPO ones."""
+    from flowrl.core.multi_reward import gdpo_advantages
+    from flowrl.trainer import Trainer
+
+    cfg = _small_cfg(tiny_sd3_path, tmp_path / "run", eval_base=False)
+    cfg.reward.name, cfg.reward.aggregation = "multi", "gdpo"
+    cfg.reward.args = {"components": {"jpeg_compressibility": 1.0, "jpeg_incompressibility": {"weight": 0.5}}}
+    tr = Trainer(cfg)
+    batch = tr.collect(0)
+    cols = batch["cols"]
+    assert {"jpeg_compressibility", "jpeg_incompressibility", "reward"} <= set(cols)
+    g = torch.arange(len(batch["adv"])) // cfg.trainer.group_size
+    ref = gdpo_advantages({k: torch.as_tensor(cols[k]) for k in ("jpeg_compressibility", "jpeg_incompressibility")},
+                          {"jpeg_compressibility": 1.0, "jpeg_incompressibility": 0.5}, g, "grpo",
+                          cfg.algorithm.advantage_eps, cfg.algorithm.advantage_clip)
+    torch.testing.assert_close(batch["adv"], ref)
+    cfg2 = _small_cfg(tiny_sd3_path, tmp_path / "run2")
+    cfg2.reward.aggregation = "gdpo"
+    with pytest.raises(ConfigError, match="reward=multi"):
+        validate(cfg2)
