@@ -129,6 +129,7 @@ class TrainerConfig:
     save_every: int = 0  # epochs; 0 = only at the end
     log_images_every: int = 10
     output_dir: str = "runs/flowgrpo"
+    resume: str = ""  # "" (fresh run) | "auto" (latest complete checkpoint in output_dir) | a checkpoint folder
     threads: int = 0  # torch CPU threads; 0 = all cores shared among the local ranks (CPU only)
 
 

@@ -260,7 +260,7 @@ class Trainer:
             bad = ~np.isfinite(rewards)
             r_all = self._gather(torch.as_tensor(rewards, dtype=torch.float32))
             if bad.any() or not torch.isfinite(r_all).all():
-                path = self.save(f"nan_reward_epoch_{epoch:04d}")
+                path = self.save(f"nan_reward_epoch_{epoch:04d}", epoch - 1)
                 if self.acc.is_main_process:
                     save_grid(imgs, self.out / "nan_reward_images.png")
                 prompts = sorted({eb.prompts[i] for i in np.flatnonzero(bad)})
@@ -408,9 +408,12 @@ class Trainer:
             self.ema.step(self.opt_steps)
 
     # ------------------------------------------------------------------------------------------------------------
-    def save(self, name: str) -> Path | None:
-        """Save the LoRA (``lora/``; loadable by ``pipeline.load_lora_weights``), its EMA (``lora_ema/``) and the
-        optimizer state into ``checkpoints/<name>`` (written to a temporary folder, then renamed)."""
+    def save(self, name: str, epoch: int = -1, history: list | None = None) -> Path | None:
+        """Save the LoRA (``lora/``; loadable by ``pipeline.load_lora_weights``), its EMA (``lora_ema/``) and
+        ``trainer_state.pt`` (trainable weights, optimizer, EMA, counters, last completed ``epoch``, history) into
+        ``checkpoints/<name>``, written to a temporary folder and then renamed, so a checkpoint folder without the
+        ``.tmp`` suffix is always complete. Every random draw of an epoch is seeded by ``(seed, epoch, sample)``, so
+        this is all an exact resume needs (:meth:`resume`)."""
         self.acc.wait_for_everyone()
         if not self.acc.is_main_process:
             return None
@@ -423,10 +426,53 @@ class Trainer:
             with self.ema.swapped():
                 self.adapter.save_lora(tmp / "lora_ema")
         torch.save({"optimizer": self.opt.state_dict(), "opt_steps": self.opt_steps,
-                    "ema": self.ema.shadow if self.ema else None}, tmp / "trainer_state.pt")
+                    "ema": self.ema.shadow if self.ema else None,
+                    "ema_updates": self.ema.updates if self.ema else 0,
+                    "params": [p.detach().clone() for p in self.params], "epoch": epoch,
+                    "history": list(history or [])}, tmp / "trainer_state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         return final
+
+    def find_checkpoint(self, spec: str) -> Path | None:
+        """``trainer.resume``: ``""`` → None; ``"auto"`` → the complete checkpoint with the highest saved epoch in
+        ``output_dir/checkpoints`` (None if there is none); otherwise a checkpoint folder path.
+
+        Raises:
+            FileNotFoundError: a given path without ``trainer_state.pt``.
+        """
+        if not spec:
+            return None
+        if spec == "auto":
+            best, best_epoch = None, -2
+            for d in sorted((self.out / "checkpoints").glob("*")):
+                f = d / "trainer_state.pt"
+                if d.suffix == ".tmp" or not f.is_file():
+                    continue
+                ep = torch.load(f, map_location="cpu", weights_only=False).get("epoch", -1)
+                if ep > best_epoch:
+                    best, best_epoch = d, ep
+            return best
+        d = Path(spec)
+        if not (d / "trainer_state.pt").is_file():
+            raise FileNotFoundError(f"trainer.resume={spec!r}: no trainer_state.pt there; give a checkpoint folder "
+                                    f"(e.g. {self.out / 'checkpoints' / 'epoch_0010'}) or 'auto'")
+        return d
+
+    def resume(self, ckpt: Path) -> tuple[int, list]:
+        """Load weights, optimizer, EMA and counters from ``ckpt``; returns (first epoch to run, history so far)."""
+        st = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+        if len(st["params"]) != len(self.params) or any(a.shape != b.shape for a, b in zip(st["params"], self.params)):
+            raise ValueError(f"checkpoint {ckpt} does not match this model/LoRA configuration (parameter shapes differ)")
+        with torch.no_grad():
+            for p, q in zip(self.params, st["params"]):
+                p.copy_(q)
+        self.opt.load_state_dict(st["optimizer"])
+        self.opt_steps = st["opt_steps"]
+        if self.ema is not None and st.get("ema") is not None:
+            self.ema.shadow = [s.clone() for s in st["ema"]]
+            self.ema.updates = st.get("ema_updates", 0)
+        return st["epoch"] + 1, list(st.get("history", []))
 
     def evaluate_heldout(self, label: str, use_ema: bool = True, base: bool = False) -> dict:
         """Held-out GenEval-style evaluation (ODE, ``eval_steps``, fixed seeds) of the base model or the trained one."""
@@ -463,9 +509,20 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.trainer
         history = []
         results: dict = {}
+        start = 0
+        ckpt = self.find_checkpoint(t.resume)
+        if ckpt is not None:
+            start, history = self.resume(ckpt)
+            if self.acc.is_main_process:
+                print(f"resumed from {ckpt} at epoch {start}", flush=True)
+        base_summary = self.out / "eval" / "base" / "summary.json"
         if t.eval_base and self.acc.is_main_process:
-            results["base"] = self.evaluate_heldout("base", base=True)
-        bar = tqdm(range(t.epochs), desc="flow-grpo", disable=not self.acc.is_main_process)
+            if ckpt is not None and base_summary.is_file():  # the base model does not change: keep its evaluation
+                results["base"] = json.loads(base_summary.read_text())
+            else:
+                results["base"] = self.evaluate_heldout("base", base=True)
+        bar = tqdm(range(start, t.epochs), desc="flow-grpo", disable=not self.acc.is_main_process,
+                   initial=start, total=t.epochs)
         for epoch in bar:
             t0 = time.time()
             batch = self.collect(epoch)
@@ -496,11 +553,11 @@ class Trainer:
 
                     self.writer.add_image("samples", np.asarray(Image.open(p)), epoch, dataformats="HWC")
             if t.save_every and (epoch + 1) % t.save_every == 0:
-                self.save(f"epoch_{epoch + 1:04d}")
+                self.save(f"epoch_{epoch + 1:04d}", epoch, history)
             if t.eval_every and (epoch + 1) % t.eval_every == 0 and self.acc.is_main_process:
                 s = self.evaluate_heldout(f"epoch_{epoch + 1:04d}")
                 self._log({"eval/overall": s["overall"]} if "overall" in s else {}, epoch)
-        self.save("final")
+        self.save("final", t.epochs - 1, history)
         if self.acc.is_main_process:
             results["trained"] = self.evaluate_heldout("trained")
             results["history"] = history

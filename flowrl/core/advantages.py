@@ -7,6 +7,7 @@ epoch's samples (gathered across data-parallel ranks) so that group and global s
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -49,6 +50,58 @@ def dr_grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: floa
     return (rewards.double() - mean).float()
 
 
+def rloo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """RLOO leave-one-out baseline: ``A_i = r_i - mean_{j≠i, g(j)=g(i)} r_j``.
+
+    Equivalently ``A_i = G/(G-1)·(r_i - mean_g r)`` for a group of size ``G ≥ 2``; a group of size 1 has no other
+    sample to form a baseline from and gets ``A = 0``. No std normalisation (``eps`` is unused, kept for the common
+    signature). Source: Kool et al. 2019 ("Buy 4 REINFORCE samples, get a baseline for free!"); Ahmadian et al. 2024
+    (arXiv 2402.14740).
+
+    Args:
+        rewards: ``[N]`` finite rewards.
+        group_ids: ``[N]`` integer group id of each sample.
+
+    Returns:
+        ``[N]`` float32, unbounded; sums to 0 within every group.
+    """
+    mean, _, counts = _group_stats(rewards, group_ids)
+    g = counts.double()
+    # r_i - (G·mean - r_i)/(G-1) = G/(G-1)·(r_i - mean); a singleton has nothing to compare against.
+    adv = torch.where(g > 1, g / (g - 1).clamp_min(1) * (rewards.double() - mean), torch.zeros_like(mean))
+    return adv.float()
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """REINFORCE++ (arXiv 2501.03262, "advantage normalization"): batch-normalised rewards
+    ``A_i = (r_i - mean_N r) / (std_N r + eps)`` over *all* ``N`` samples of the epoch (population std).
+
+    ``group_ids`` is ignored (no per-prompt baseline). Outcome rewards only: the paper's per-token KL penalty folded
+    into the return is not part of this core (use :func:`flowrl.core.kl_estimate` in the loss instead). A batch whose
+    rewards are all equal gets ``A = 0``.
+
+    Returns:
+        ``[N]`` float32, zero mean over the batch.
+    """
+    r = rewards.double()
+    return ((r - r.mean()) / (r.std(unbiased=False) + eps)).float()
+
+
+def reinforce_pp_baseline_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
+                                     eps: float = 1e-4) -> torch.Tensor:
+    """REINFORCE++-baseline (arXiv 2501.03262): subtract the group mean, then divide by the batch std of the
+    centred values, ``c_i = r_i - mean_g r``, ``A_i = (c_i - mean_N c) / (std_N c + eps)`` (population std over all
+    ``N`` samples). ``mean_N c`` is 0 up to rounding (every group's centred values sum to 0); it is subtracted anyway
+    so the result is exactly zero-mean. Zero-spread groups get ``A = 0``.
+
+    Returns:
+        ``[N]`` float32.
+    """
+    mean, _, _ = _group_stats(rewards, group_ids)
+    c = rewards.double() - mean
+    return ((c - c.mean()) / (c.std(unbiased=False) + eps)).float()
+
+
 def informative_groups(rewards: torch.Tensor, group_ids: torch.Tensor, tol: float = 0.0) -> torch.Tensor:
     """``[N]`` bool: the sample's group has reward spread (population std ``> tol``).
 
@@ -82,10 +135,52 @@ def select_groups(keep: torch.Tensor, group_ids: torch.Tensor, max_groups: int |
     return keep & torch.isin(group_ids, torch.tensor(chosen, dtype=group_ids.dtype))
 
 
+def cppo_keep_mask(advantages: torch.Tensor, group_ids: torch.Tensor, prune_rate: float) -> torch.Tensor:
+    """CPPO completion pruning (arXiv 2503.22342): in each group of size ``G`` keep the
+    ``k = ceil((1 - P)·G)`` samples with the largest ``|A|`` and drop the rest from the policy update.
+
+    Samples with small ``|A|`` contribute little gradient, so training only on the top ``k`` saves compute.
+    Ties in ``|A|`` are broken by position (the earlier sample wins), so the result is deterministic. ``k`` is
+    computed from ``(1 - P)·G`` rounded to 9 decimals before the ceiling, so binary rounding does not add a sample
+    (``(1 - 0.7)·10`` is ``3.0000000000000004`` in floating point and must keep 3, not 4). Since ``P < 1`` every
+    group keeps at least one sample.
+
+    Args:
+        advantages: ``[N]`` finite advantages (already computed over the full groups).
+        group_ids: ``[N]`` integer group id of each sample; groups may be interleaved and of different sizes.
+        prune_rate: ``P`` in ``[0, 1)``; ``0`` keeps everything.
+
+    Returns:
+        ``[N]`` bool, True for kept samples.
+
+    Raises:
+        ValueError: mismatched shapes, non-finite advantages, or ``P`` outside ``[0, 1)``.
+    """
+    if advantages.shape != group_ids.shape or advantages.ndim != 1:
+        raise ValueError(f"advantages {tuple(advantages.shape)} and group_ids {tuple(group_ids.shape)} "
+                         "must both be [N]")
+    if not 0.0 <= float(prune_rate) < 1.0:
+        raise ValueError(f"prune_rate must be in [0, 1), got {prune_rate!r}")
+    if not torch.isfinite(advantages).all():
+        raise ValueError("advantages contain NaN/inf")
+    keep = torch.zeros(advantages.shape, dtype=torch.bool)
+    mag = advantages.detach().abs().cpu()
+    gids = group_ids.cpu()
+    for g in torch.unique(gids).tolist():
+        idx = torch.nonzero(gids == g).flatten()  # ascending positions
+        k = max(1, math.ceil(round((1.0 - float(prune_rate)) * idx.numel(), 9)))
+        order = torch.sort(mag[idx], descending=True, stable=True).indices  # stable: ties keep position order
+        keep[idx[order[:k]]] = True
+    return keep.to(advantages.device)
+
+
 ADVANTAGE_ESTIMATORS: dict[str, Estimator] = {
     "grpo": grpo_advantages,
     "global_std": global_std_advantages,
     "dr_grpo": dr_grpo_advantages,
+    "rloo": rloo_advantages,
+    "reinforce_pp": reinforce_pp_advantages,
+    "reinforce_pp_baseline": reinforce_pp_baseline_advantages,
 }
 
 
