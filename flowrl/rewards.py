@@ -20,6 +20,7 @@ BUILTIN_REWARDS = {
     "jpeg_compressibility": "flowrl_rewards.jpeg:JpegCompressibility",
     "jpeg_incompressibility": "flowrl_rewards.jpeg:JpegIncompressibility",
     "multi": "flowrl.rewards:MultiReward",
+    "remote": "flowrl.reward_server:RemoteReward",
 }
 
 

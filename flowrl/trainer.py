@@ -185,6 +185,7 @@ class Trainer:
         self.step_fn = step_fn(cfg.sampler.kind, float(self.sigmas[1]), cfg.sampler.density)
         self.policy_loss = POLICY_LOSSES[cfg.algorithm.policy_loss]
         self.opt_steps = 0
+        self.history: list[dict] = []
         self.writer = None
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -255,12 +256,21 @@ class Trainer:
         images, offset, informative_frac = None, 0, 0.0
         for rnd in range(rounds):
             eb = make_epoch(cfg, self.train_md, epoch, rank, world, rnd)
-            traj, cond, c, imgs = self.rollout(eb, epoch)
+            try:
+                traj, cond, c, imgs = self.rollout(eb, epoch)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:  # a reward (or server) that raises/times out: keep the work, say how to resume
+                path = self.save(f"error_epoch_{epoch:04d}", epoch - 1, self.history)
+                raise RuntimeError(
+                    f"rollout/reward failed at epoch {epoch}: {type(e).__name__}: {e}\nTraining stopped; the LoRA, "
+                    f"optimizer and EMA of the last completed epoch were saved to {path}. Fix the cause and continue "
+                    f"with trainer.resume={path}") from e
             rewards = c["reward"]
             bad = ~np.isfinite(rewards)
             r_all = self._gather(torch.as_tensor(rewards, dtype=torch.float32))
             if bad.any() or not torch.isfinite(r_all).all():
-                path = self.save(f"nan_reward_epoch_{epoch:04d}", epoch - 1)
+                path = self.save(f"nan_reward_epoch_{epoch:04d}", epoch - 1, self.history)
                 if self.acc.is_main_process:
                     save_grid(imgs, self.out / "nan_reward_images.png")
                 prompts = sorted({eb.prompts[i] for i in np.flatnonzero(bad)})
@@ -507,12 +517,13 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg, t = self.cfg, self.cfg.trainer
-        history = []
+        history = self.history = []
         results: dict = {}
         start = 0
         ckpt = self.find_checkpoint(t.resume)
         if ckpt is not None:
             start, history = self.resume(ckpt)
+            self.history = history
             if self.acc.is_main_process:
                 print(f"resumed from {ckpt} at epoch {start}", flush=True)
         base_summary = self.out / "eval" / "base" / "summary.json"

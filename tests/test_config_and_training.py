@@ -260,3 +260,32 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_sd3_path, tmp_path):
     assert len(res_b["history"]) == 3
     with pytest.raises(FileNotFoundError, match="trainer_state.pt"):
         second.find_checkpoint(str(tmp_path / "nowhere"))
+
+
+def test_raising_reward_stops_after_a_checkpoint_that_resumes(tiny_sd3_path, tmp_path, monkeypatch):
+    from flowrl import rewards
+    from flowrl.trainer import Trainer
+
+    (tmp_path / "flaky_reward_mod.py").write_text(
+        "import numpy as np\n"
+        "class Flaky:\n"
+        "    name = 'flaky'\n"
+        "    calls = 0\n"
+        "    def __call__(self, images, prompts, metadata):\n"
+        "        Flaky.calls += 1\n"
+        "        if Flaky.calls > 2:\n"
+        "            raise TimeoutError('reward backend timed out')\n"
+        "        return {'reward': images.reshape(len(images), -1).mean(1) / 255.0}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(rewards.BUILTIN_REWARDS, "flaky_test", "flaky_reward_mod:Flaky")
+    cfg = _small_cfg(tiny_sd3_path, tmp_path / "run", eval_base=False, epochs=3)
+    cfg.reward.name = "flaky_test"
+    tr = Trainer(cfg)
+    with pytest.raises(RuntimeError, match="TimeoutError: reward backend timed out") as e:
+        tr.run()  # 2 micro-batches per epoch: epoch 0 succeeds, epoch 1 fails
+    ckpt = tmp_path / "run" / "checkpoints" / "error_epoch_0001"
+    assert str(ckpt) in str(e.value) and "trainer.resume=" in str(e.value)
+    st = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    assert st["epoch"] == 0 and len(st["history"]) == 1
+    auto = tr.find_checkpoint("auto")  # epoch_0001 (save_every=1) and error_epoch_0001 both end at epoch 0
+    assert torch.load(auto / "trainer_state.pt", weights_only=False)["epoch"] == 0
