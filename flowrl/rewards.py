@@ -21,6 +21,11 @@ BUILTIN_REWARDS = {
     "jpeg_incompressibility": "flowrl_rewards.jpeg:JpegIncompressibility",
     "multi": "flowrl.rewards:MultiReward",
     "remote": "flowrl.reward_server:RemoteReward",
+    "clip_score": "flowrl_rewards.clip_score:CLIPScore",
+    "pickscore": "flowrl_rewards.pickscore:PickScore",
+    "aesthetic": "flowrl_rewards.aesthetic:AestheticReward",
+    "hpsv2": "flowrl_rewards.hps:HPSv2Reward",
+    "imagereward": "flowrl_rewards.image_reward:ImageRewardScore",
 }
 
 
