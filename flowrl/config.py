@@ -53,6 +53,9 @@ class SamplerConfig:
     eval_guidance_scale: float = 4.5
     timestep_fraction: float = 0.99
     sde_window: int = 0
+    # one initial noise x_T per group (DanceGRPO, MixGRPO): with ODE steps before an SDE window, the group's samples
+    # share their trajectory up to the window, so the reward spread is caused by the window's noise alone
+    shared_initial_noise: bool = False
     window_start_min: int = 0
     window_start_max: int = -1  # -1: train_steps // 2
 

@@ -99,6 +99,9 @@ def train_step_mask(num_steps: int, timestep_fraction: float) -> torch.Tensor:
     return torch.arange(num_steps) < k
 
 
+GROUP_SEED_OFFSET = 1 << 40  # seeds of per-group initial noise live far from per-sample seeds
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """Seed of sample ``index`` of ``epoch``: independent of ranks and micro-batching."""
     return (seed * 1_000_000_007 + epoch * 1_000_003 + index) % (2**63 - 1)
@@ -219,7 +222,12 @@ class Trainer:
             cond = type(cache[prompts[0]]).cat([cache[p] for p in prompts])
             gens = [torch.Generator().manual_seed(sample_seed(cfg.trainer.seed, epoch, i))
                     for i in eb.sample_ids[j : j + mb]]
-            x = self.adapter.initial_noise(gens, res, res)
+            if cfg.sampler.shared_initial_noise:  # one x_T per group: reward spread comes from the SDE steps only
+                x = self.adapter.initial_noise(
+                    [torch.Generator().manual_seed(sample_seed(cfg.trainer.seed, epoch, GROUP_SEED_OFFSET + int(g)))
+                     for g in eb.group_ids[j : j + mb]], res, res)
+            else:
+                x = self.adapter.initial_noise(gens, res, res)
             traj = sample_trajectory(
                 lambda z, s: self.adapter.velocity(z, s, cond, cfg.sampler.guidance_scale), x, self.sigmas,
                 eb.noise_levels[j : j + mb], kind=cfg.sampler.kind, generators=gens,

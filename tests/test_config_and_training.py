@@ -289,3 +289,24 @@ def test_raising_reward_stops_after_a_checkpoint_that_resumes(tiny_sd3_path, tmp
     assert st["epoch"] == 0 and len(st["history"]) == 1
     auto = tr.find_checkpoint("auto")  # epoch_0001 (save_every=1) and error_epoch_0001 both end at epoch 0
     assert torch.load(auto / "trainer_state.pt", weights_only=False)["epoch"] == 0
+
+
+def test_shared_initial_noise_branches_groups_at_the_sde_window(tiny_sd3_path, tmp_path):
+    """With one x_T per group and ODE steps before the window, a group's samples coincide up to the window."""
+    from flowrl.trainer import Trainer, make_epoch
+
+    cfg = _small_cfg(tiny_sd3_path, tmp_path / "run", eval_base=False)
+    cfg.sampler.sde_window, cfg.sampler.window_start_min, cfg.sampler.window_start_max = 1, 1, 2
+    cfg.sampler.shared_initial_noise = True
+    tr = Trainer(cfg)
+    eb = make_epoch(cfg, tr.train_md, 0, 0, 1)
+    traj, _, _, _ = tr.rollout(eb, 0)
+    g = cfg.trainer.group_size
+    lat = traj.latents  # [n, T+1, ...]; window = step 1 only: states 0 and 1 shared, state 2 branches
+    for k in range(0, len(eb.prompts), g):
+        grp = lat[k : k + g]
+        assert torch.equal(grp[:, 0], grp[:1, 0].expand_as(grp[:, 0]))
+        assert torch.allclose(grp[:, 1], grp[:1, 1].expand_as(grp[:, 1]), atol=1e-6)
+        assert (grp[1:, 2] - grp[:1, 2]).abs().amax() > 1e-3
+    assert not torch.equal(lat[0, 0], lat[g, 0])  # different groups, different x_T
+    assert traj.train_mask[:, 1].all() and not traj.train_mask[:, 0].any() and not traj.train_mask[:, 2:].any()
