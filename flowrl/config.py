@@ -64,7 +64,7 @@ class SamplerConfig:
 class AlgorithmConfig:
     """Update rule: advantage estimator, clipping, policy loss, KL to the reference, inner epochs."""
 
-    name: str = "flow_grpo"
+    name: str = "flow_grpo"  # flow_grpo (likelihood-ratio, per-step PPO) | nft (DiffusionNFT, forward process)
     advantage: str = "grpo"  # see flowrl.core.ADVANTAGE_ESTIMATORS
     advantage_eps: float = 1e-4
     advantage_clip: float = 5.0
@@ -79,6 +79,9 @@ class AlgorithmConfig:
     # until `trainer.groups_per_epoch` informative groups are collected (at most `dynamic_sampling_max_rounds`).
     dynamic_sampling: bool = False
     dynamic_sampling_max_rounds: int = 3
+    # DiffusionNFT (name=nft): implicit-policy strength β and forward-process draws per clean sample and update
+    nft_beta: float = 1.0
+    nft_timesteps: int = 1
 
 
 @dataclass
@@ -214,7 +217,18 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> Derived:
                     f"{t.optimizer_steps_per_epoch} equal optimizer steps; use a divisor of {mb}")
     if s.kind not in ("sde", "cps"):
         errs.append(f"sampler.kind={s.kind!r}: choose 'sde' or 'cps'")
-    if s.noise_level <= 0:
+    if a.name not in ("flow_grpo", "nft"):
+        errs.append(f"algorithm.name={a.name!r}: choose 'flow_grpo' or 'nft'")
+    if a.name == "nft":
+        if a.kl_beta > 0:
+            errs.append("algorithm.name=nft has no likelihood and no KL term: set algorithm.kl_beta=0 (β of NFT is "
+                        "algorithm.nft_beta)")
+        if a.advantage_clip is None or a.advantage_clip <= 0:
+            errs.append("algorithm.name=nft maps advantages to r = clip(A/(2·A_max)+½, 0, 1) with A_max = "
+                        "algorithm.advantage_clip: set it > 0 (e.g. 5)")
+        if a.nft_beta <= 0 or a.nft_timesteps < 1:
+            errs.append("algorithm.nft_beta must be > 0 and algorithm.nft_timesteps ≥ 1")
+    if s.noise_level <= 0 and a.name != "nft":
         errs.append("sampler.noise_level must be > 0 for a likelihood-ratio update (0 is the ODE: no log-probability); "
                     "use it only for evaluation")
     if s.density not in ("gaussian", "squared_error") or (s.density == "squared_error" and s.kind != "cps"):

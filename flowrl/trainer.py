@@ -100,6 +100,7 @@ def train_step_mask(num_steps: int, timestep_fraction: float) -> torch.Tensor:
 
 
 GROUP_SEED_OFFSET = 1 << 40  # seeds of per-group initial noise live far from per-sample seeds
+NFT_SEED_OFFSET = 1 << 41  # seeds of DiffusionNFT's forward-process draws
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -259,7 +260,7 @@ class Trainer:
         cfg, a = self.cfg, self.cfg.algorithm
         rank, world = self.acc.process_index, self.acc.num_processes
         rounds = a.dynamic_sampling_max_rounds if a.dynamic_sampling else 1
-        trajs, conds, cols, r_glob, g_glob, local_pos = [], [], [], [], [], []
+        trajs, conds, cols, r_glob, g_glob, local_pos, sids = [], [], [], [], [], [], []
         comp_glob: dict[str, list[torch.Tensor]] = {}
         images, offset, informative_frac = None, 0, 0.0
         for rnd in range(rounds):
@@ -294,6 +295,7 @@ class Trainer:
             offset += len(r_all)
             trajs.append(traj)
             conds.append(cond)
+            sids += list(eb.sample_ids)
             cols.append(c)
             r_glob.append(r_all)
             g_glob.append(g_all)
@@ -323,6 +325,7 @@ class Trainer:
         traj = Trajectory.cat(trajs).select(keep)
         cond = type(conds[0]).cat(conds)[keep]
         return {"traj": traj, "cond": cond, "adv": adv[pos][keep],
+                "sample_ids": [i for i, k in zip(sids, keep.tolist()) if k],
                 "cols": {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}, "images": images,
                 "rewards_all": r_cat, "informative_frac": informative_frac,
                 "groups": int(torch.unique(g_cat[sel]).numel()), "rounds": len(r_glob)}
@@ -410,6 +413,86 @@ class Trainer:
                 self._optimizer_step()
         res = {k: float(np.mean(v)) for k, v in stats.items() if v}
         res["first_ratio_max_dev"] = float(first_ratio_dev if first_ratio_dev is not None else 0.0)
+        return res
+
+    def update_nft(self, traj: Trajectory, cond, adv: torch.Tensor, sample_ids: list[int], epoch: int) -> dict[str, float]:
+        """DiffusionNFT update (Zheng et al. 2025, arXiv 2509.16117, Eq. 8 / Alg. 1) on the rollouts' clean latents.
+
+        No likelihood and no trajectory: each clean latent ``x0`` (``traj.final``) is re-noised by the forward process,
+        ``x_σ = (1-σ)·x0 + σ·ε`` with ``σ`` logit-normal shifted like SD3 pretraining and ``ε ~ N(0, I)`` (seeded per
+        sample, rank-independent), target ``v* = ε - x0``. With the old (sampling) velocity ``v_old`` and the trained
+        one ``v_θ`` (both conditional, no CFG), the implicit positive and negative policies are
+        ``v⁺ = (1-β)·v_old + β·v_θ`` and ``v⁻ = (1+β)·v_old - β·v_θ``; the loss per draw is
+        ``r·‖v⁺ - v*‖² + (1-r)·‖v⁻ - v*‖²`` (mean over dimensions) with the optimality weight
+        ``r = clip(A / (2·A_max) + ½, 0, 1)``, ``A_max = algorithm.advantage_clip``. On-policy
+        (one optimizer step per epoch) ``v_old`` is ``v_θ`` detached, so the gradient is
+        ``β·(2r-1)·∇‖v_θ - v*‖²``: reward-weighted flow matching that pulls good samples and pushes bad ones.
+        With several optimizer steps or inner epochs ``v_old`` is computed once, before the first step.
+
+        Args:
+            traj: trajectories ``[n, ...]`` (only ``final`` is used; any sampler, the ODE included).
+            cond: prompt embeddings ``[n, ...]``; adv: ``[n]`` advantages; sample_ids: the epoch's sample indices.
+
+        Returns:
+            Mean ``nft_loss``, ``r`` (optimality weight) and ``v_old_err`` (``‖v_old - v*‖²``) over the draws.
+        """
+        cfg, a = self.cfg, self.cfg.algorithm
+        mb = cfg.trainer.micro_batch
+        x0_all = traj.final
+        n = x0_all.shape[0]
+        k = a.nft_timesteps
+        r_all = (adv / (2 * a.advantage_clip) + 0.5).clamp(0, 1)
+        # forward-process draws, one generator per sample: [n, k] σ and [n, k, ...] ε
+        sig, eps = [], []
+        for i in sample_ids:
+            g = torch.Generator().manual_seed(sample_seed(cfg.trainer.seed, epoch, NFT_SEED_OFFSET + i))
+            u = torch.sigmoid(torch.randn(k, generator=g))
+            sig.append(3.0 * u / (1 + 2.0 * u))  # logit-normal σ with the SD3 shift 3 (as pretraining)
+            eps.append(torch.randn((k, *x0_all.shape[1:]), generator=g))
+        sig_all = torch.stack(sig) if sig else torch.zeros(0, k)
+        eps_all = torch.stack(eps) if eps else torch.zeros(0, k, *x0_all.shape[1:])
+        parts = np.array_split(np.arange(n), cfg.trainer.optimizer_steps_per_epoch)
+        on_policy = cfg.trainer.optimizer_steps_per_epoch == 1 and a.inner_epochs == 1
+        v_old_all = None
+        if not on_policy:
+            v_old_all = torch.zeros_like(eps_all)
+            with torch.no_grad():
+                for j in range(0, n, mb):
+                    ids = torch.arange(j, min(j + mb, n))
+                    for d in range(k):
+                        s_ = sig_all[ids, d]
+                        x_t = (1 - s_.view(-1, 1, 1, 1)) * x0_all[ids] + s_.view(-1, 1, 1, 1) * eps_all[ids, d]
+                        v_old_all[ids, d] = self.adapter.velocity(x_t, s_, cond[ids], 1.0)
+        stats: dict[str, list[float]] = {"nft_loss": [], "r": [], "v_old_err": []}
+        for _inner in range(a.inner_epochs):
+            for part in parts:
+                count = self._gather(torch.tensor([len(part) * k])).sum().item()
+                if count == 0:
+                    continue
+                scale = self.acc.num_processes / count
+                for j in range(0, len(part), mb):
+                    ids = torch.as_tensor(part[j : j + mb], dtype=torch.long)
+                    x0, c, r = x0_all[ids], cond[ids], r_all[ids]
+                    for d in range(k):
+                        s_ = sig_all[ids, d]
+                        e = eps_all[ids, d]
+                        x_t = (1 - s_.view(-1, 1, 1, 1)) * x0 + s_.view(-1, 1, 1, 1) * e
+                        target = e - x0
+                        v = self.adapter.velocity(x_t, s_, c, 1.0)
+                        v_old = v.detach() if v_old_all is None else v_old_all[ids, d]
+                        v_pos = (1 - a.nft_beta) * v_old + a.nft_beta * v
+                        v_neg = (1 + a.nft_beta) * v_old - a.nft_beta * v
+                        err_pos = (v_pos - target).pow(2).flatten(1).mean(1)
+                        err_neg = (v_neg - target).pow(2).flatten(1).mean(1)
+                        per = r * err_pos + (1 - r) * err_neg
+                        (per.sum() * scale).backward()
+                        with torch.no_grad():
+                            stats["nft_loss"].append(per.mean().item())
+                            stats["r"].append(r.mean().item())
+                            stats["v_old_err"].append((v_old - target).pow(2).mean().item())
+                self._optimizer_step()
+        res = {kk: float(np.mean(v)) for kk, v in stats.items() if v}
+        res["first_ratio_max_dev"] = 0.0
         return res
 
     def _optimizer_step(self) -> None:
@@ -546,7 +629,10 @@ class Trainer:
             t0 = time.time()
             batch = self.collect(epoch)
             t1 = time.time()
-            stats = self.update(batch["traj"], batch["cond"], batch["adv"])
+            if cfg.algorithm.name == "nft":
+                stats = self.update_nft(batch["traj"], batch["cond"], batch["adv"], batch["sample_ids"], epoch)
+            else:
+                stats = self.update(batch["traj"], batch["cond"], batch["adv"])
             t2 = time.time()
             cols, images = batch["cols"], batch["images"]
             r_all = batch["rewards_all"]
@@ -555,6 +641,7 @@ class Trainer:
                    "train/policy_loss": stats.get("policy_loss", 0.0), "train/ratio": stats.get("ratio", 1.0),
                    "train/approx_kl": stats.get("approx_kl", 0.0),
                    "train/first_ratio_max_dev": stats["first_ratio_max_dev"],
+                   **{f"train/{k}": v for k, v in stats.items() if k in ("nft_loss", "r", "v_old_err")},
                    "train/informative_groups": batch["informative_frac"],
                    "train/groups": float(batch["groups"]), "train/rounds": float(batch["rounds"]),
                    "time/rollout_s": t1 - t0, "time/update_s": t2 - t1}
