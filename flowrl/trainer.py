@@ -623,7 +623,7 @@ class Trainer:
                 results["base"] = json.loads(base_summary.read_text())
             else:
                 results["base"] = self.evaluate_heldout("base", base=True)
-        bar = tqdm(range(start, t.epochs), desc="flow-grpo", disable=not self.acc.is_main_process,
+        bar = tqdm(range(start, t.epochs), desc=cfg.algorithm.name, disable=not self.acc.is_main_process,
                    initial=start, total=t.epochs)
         for epoch in bar:
             t0 = time.time()
