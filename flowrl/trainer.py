@@ -372,8 +372,11 @@ class Trainer:
                 if count == 0:  # identical decision on every rank (the count is global)
                     continue
                 scale = self.acc.num_processes / count
-                for j in range(0, len(part), mb):
-                    ids = torch.as_tensor(part[j : j + mb], dtype=torch.long)
+                # Without a KL term a zero-advantage sample has an exactly zero gradient: skip its forward/backward
+                # (the normaliser above still counts it, so the update is unchanged).
+                run_ids = part[(adv[torch.as_tensor(part, dtype=torch.long)] != 0).numpy()] if a.kl_beta == 0 else part
+                for j in range(0, len(run_ids), mb):
+                    ids = torch.as_tensor(run_ids[j : j + mb], dtype=torch.long)
                     tr, c, a_mb = traj.select(ids), cond[ids], adv[ids]
                     w = (1.0 / tr.train_mask.sum(1).clamp_min(1).float()) if per_sample else torch.ones(len(a_mb))
                     for t in torch.nonzero(tr.train_mask.any(0)).flatten().tolist():

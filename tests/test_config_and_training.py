@@ -358,3 +358,24 @@ def test_nft_update_pulls_positive_and_pushes_negative_samples(tiny_sd3_path, tm
     cfg.algorithm.kl_beta = 0.1
     with pytest.raises(ConfigError, match="kl_beta=0"):
         validate(cfg)
+
+
+def test_zero_advantage_samples_are_skipped_without_changing_the_update(tiny_sd3_path, tmp_path):
+    """β = 0: skipping zero-advantage samples leaves the gradient identical (the normaliser still counts them)."""
+    from flowrl.trainer import Trainer, make_epoch
+
+    cfg = _small_cfg(tiny_sd3_path, tmp_path / "run", eval_base=False)
+    cfg.algorithm.kl_beta = 0.0
+    tr = Trainer(cfg)
+    eb = make_epoch(cfg, tr.train_md, 0, 0, 1)
+    traj, cond, _, _ = tr.rollout(eb, 0)
+    adv = torch.tensor([1.0, -1.0, 0.0, 0.0, 0.5, 0.0, -0.5, 0.0])
+    tr._optimizer_step = lambda: None  # keep the accumulated gradient for inspection
+    tr.update(traj, cond, adv)
+    skipped = [p.grad.clone() for p in tr.params]
+    for p in tr.params:
+        p.grad = None
+    cfg.algorithm.kl_beta = 1e-30  # a KL term too small to matter disables the skip: every sample runs
+    tr.update(traj, cond, adv)
+    for g, p in zip(skipped, tr.params):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-8)  # batch composition changes rounding only
