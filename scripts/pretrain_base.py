@@ -156,7 +156,8 @@ def train_transformer(args) -> None:
     _, held_out = split_metadata()
     gen = torch.Generator().manual_seed(args.seed + 2)
     t0 = time.time()
-    for step in range(1, total + 1):
+    last = min(total, args.stop_after or total)
+    for step in range(1, last + 1):
         idx = torch.randint(len(caps_all), (args.batch,), generator=gen)
         x0 = z_all[idx]
         caps = ["" if rng.random() < args.caption_dropout else caps_all[i] for i in idx.tolist()]
@@ -183,7 +184,7 @@ def train_transformer(args) -> None:
         if step % 50 == 0:
             print(f"step {step}/{total} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} "
                   f"{time.time() - t0:.0f}s", flush=True)
-        if step % args.eval_every == 0 or step == total:
+        if step % args.eval_every == 0 or step == last:
             save_ema(pipe, ema, modules, work / "ema")
             try:
                 evaluation = quick_eval(_load(work / "ema"), held_out)
@@ -244,6 +245,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=500, help="linear learning-rate warm-up steps")
     p.add_argument("--init-from", default=None,
                    help="continue from this pipeline folder's transformer/text encoders (e.g. assets/shapes-sd3)")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="end after this step (the learning-rate schedule is still the one of --steps)")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--eval-every", type=int, default=2000)
