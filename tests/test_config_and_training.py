@@ -100,6 +100,15 @@ def _small_cfg(model_path, out, **trainer):
     return cfg
 
 
+def _register_reward(tmp_path, monkeypatch, key: str, module: str, cls: str, source: str) -> None:
+    """Write ``source`` as ``<tmp_path>/<module>.py`` and register its class ``cls`` as the reward ``key``."""
+    from flowrl import rewards
+
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(rewards.BUILTIN_REWARDS, key, f"{module}:{cls}")
+
+
 def test_two_iteration_training_smoke(tiny_sd3_path, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
@@ -125,18 +134,15 @@ def test_two_iteration_training_smoke(tiny_sd3_path, tmp_path):
 
 
 def test_nan_reward_stops_after_saving(tiny_sd3_path, tmp_path, monkeypatch):
-    from flowrl import rewards
     from flowrl.trainer import Trainer
 
-    (tmp_path / "nan_reward_mod.py").write_text(
+    _register_reward(tmp_path, monkeypatch, "nan_test", "nan_reward_mod", "NaNReward",
         "import numpy as np\n"
         "class NaNReward:\n"
         "    name = 'nan'\n"
         "    def __call__(self, images, prompts, metadata):\n"
         "        r = np.zeros(len(images), dtype=np.float32); r[1] = np.nan\n"
         "        return {'reward': r}\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(rewards.BUILTIN_REWARDS, "nan_test", "nan_reward_mod:NaNReward")
     cfg = _small_cfg(tiny_sd3_path, tmp_path / "run", eval_base=False)
     cfg.reward.name = "nan_test"
     tr = Trainer(cfg)
@@ -190,10 +196,9 @@ def test_update_moves_log_probs_in_the_advantage_direction(tiny_sd3_path, tmp_pa
 
 def test_dynamic_sampling_keeps_only_informative_groups(tiny_sd3_path, tmp_path, monkeypatch):
     """Groups whose rewards are all equal are dropped and refilled from further rollout rounds (DAPO)."""
-    from flowrl import rewards
     from flowrl.trainer import Trainer
 
-    (tmp_path / "half_const_reward.py").write_text(
+    _register_reward(tmp_path, monkeypatch, "half_const", "half_const_reward", "HalfConst",
         "import zlib\n"
         "import numpy as np\n"
         "class HalfConst:\n"
@@ -203,8 +208,6 @@ def test_dynamic_sampling_keeps_only_informative_groups(tiny_sd3_path, tmp_path,
         "        r = [0.5 if zlib.crc32(p.encode()) % 2 == 0 else float(im.mean()) / 255\n"
         "             for im, p in zip(images, prompts)]\n"
         "        return {'reward': np.asarray(r, dtype=np.float32)}\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(rewards.BUILTIN_REWARDS, "half_const", "half_const_reward:HalfConst")
     cfg = _small_cfg(tiny_sd3_path, tmp_path / "run", eval_base=False, groups_per_epoch=4)
     cfg.reward.name = "half_const"
     cfg.algorithm.dynamic_sampling, cfg.algorithm.dynamic_sampling_max_rounds = True, 4
@@ -270,10 +273,9 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_sd3_path, tmp_path):
 
 
 def test_raising_reward_stops_after_a_checkpoint_that_resumes(tiny_sd3_path, tmp_path, monkeypatch):
-    from flowrl import rewards
     from flowrl.trainer import Trainer
 
-    (tmp_path / "flaky_reward_mod.py").write_text(
+    _register_reward(tmp_path, monkeypatch, "flaky_test", "flaky_reward_mod", "Flaky",
         "import numpy as np\n"
         "class Flaky:\n"
         "    name = 'flaky'\n"
@@ -283,8 +285,6 @@ def test_raising_reward_stops_after_a_checkpoint_that_resumes(tiny_sd3_path, tmp
         "        if Flaky.calls > 2:\n"
         "            raise TimeoutError('reward backend timed out')\n"
         "        return {'reward': images.reshape(len(images), -1).mean(1) / 255.0}\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(rewards.BUILTIN_REWARDS, "flaky_test", "flaky_reward_mod:Flaky")
     cfg = _small_cfg(tiny_sd3_path, tmp_path / "run", eval_base=False, epochs=3)
     cfg.reward.name = "flaky_test"
     tr = Trainer(cfg)
