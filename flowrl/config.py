@@ -102,6 +102,12 @@ class AlgorithmConfig:
     # DiffusionNFT (name=nft): implicit-policy strength β and forward-process draws per clean sample and update
     nft_beta: float = 1.0
     nft_timesteps: int = 1
+    # velocity NFT regresses: 1.0 = the conditional velocity (the paper's CFG-free training); g > 1 = the CFG-guided
+    # velocity v_u + g·(v_c - v_u), i.e. the very policy that rolls out and is evaluated with guidance g
+    nft_guidance_scale: float = 1.0
+    # common random numbers: every sample of a group uses the same forward-process draws (σ, ε), so the part of the
+    # regression noise shared by the group cancels in the advantage-weighted sum (Σ_group (2r-1) = 0)
+    nft_shared_draws: bool = False
     # Flow-DPO (name=dpo): "online" (best/worst of each rollout group) or a JSON-lines pairs file; β of the DPO loss
     dpo_pairs: str = "online"
     dpo_beta: float = 100.0
@@ -268,6 +274,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> Derived:
                         "algorithm.advantage_clip: set it > 0 (e.g. 5)")
         if a.nft_beta <= 0 or a.nft_timesteps < 1:
             errs.append("algorithm.nft_beta must be > 0 and algorithm.nft_timesteps ≥ 1")
+        if a.nft_guidance_scale < 1:
+            errs.append(f"algorithm.nft_guidance_scale={a.nft_guidance_scale} must be ≥ 1 (1 = conditional velocity, "
+                        "the paper's CFG-free NFT; set it to sampler.guidance_scale to train the guided policy)")
     if s.noise_level <= 0 and a.name not in ("nft", "dpo"):
         errs.append("sampler.noise_level must be > 0 for a likelihood-ratio update (0 is the ODE: no log-probability); "
                     "use it only for evaluation")

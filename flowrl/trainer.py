@@ -264,6 +264,8 @@ class Trainer:
         self.step_fn = step_fn(cfg.sampler.kind, float(self.sigmas[1]), cfg.sampler.density)
         self.policy_loss = POLICY_LOSSES[cfg.algorithm.policy_loss]
         self.opt_steps = 0
+        self.grad_norms: list[float] = []  # pre-clip gradient norms of the current epoch's optimizer steps
+        self.tag_names = sorted({str(m.get("tag", "")) for m in self.train_md})
         self.history: list[dict] = []
         self.writer = None
         if self.acc.is_main_process:
@@ -344,7 +346,7 @@ class Trainer:
         cfg, a = self.cfg, self.cfg.algorithm
         rank, world = self.acc.process_index, self.acc.num_processes
         rounds = a.dynamic_sampling_max_rounds if a.dynamic_sampling else 1
-        trajs, conds, cols, r_glob, g_glob, local_pos, sids = [], [], [], [], [], [], []
+        trajs, conds, cols, r_glob, g_glob, local_pos, sids, tags = [], [], [], [], [], [], [], []
         comp_glob: dict[str, list[torch.Tensor]] = {}
         images, offset, informative_frac, diversity = None, 0, 0.0, 0.0
         for rnd in range(rounds):
@@ -380,6 +382,7 @@ class Trainer:
             trajs.append(traj)
             conds.append(cond)
             sids += list(eb.sample_ids)
+            tags += [m.get("tag", "") for m in eb.metadata]
             cols.append(c)
             r_glob.append(r_all)
             g_glob.append(g_all)
@@ -413,7 +416,7 @@ class Trainer:
                 "sample_ids": [i for i, k in zip(sids, keep.tolist()) if k],
                 "cols": {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}, "images": images,
                 "rewards_all": r_cat, "group_ids_all": g_cat, "informative_frac": informative_frac,
-                "diversity": diversity,
+                "diversity": diversity, "tags": tags,
                 "groups": int(torch.unique(g_cat[sel]).numel()), "rounds": len(r_glob)}
 
     def _informative(self, rewards: torch.Tensor, group_ids: torch.Tensor, comp_glob: dict, last: int | None = None):
@@ -564,8 +567,10 @@ class Trainer:
 
         No likelihood and no trajectory: each clean latent ``x0`` (``traj.final``) is re-noised by the forward process,
         ``x_σ = (1-σ)·x0 + σ·ε`` with ``σ`` logit-normal shifted like SD3 pretraining and ``ε ~ N(0, I)`` (seeded per
-        sample, rank-independent), target ``v* = ε - x0``. With the old (sampling) velocity ``v_old`` and the trained
-        one ``v_θ`` (both conditional, no CFG), the implicit positive and negative policies are
+        sample, rank-independent; with ``algorithm.nft_shared_draws`` one set per group, common random numbers that
+        cancel the group-shared part of the regression noise), target ``v* = ε - x0``. With the old (sampling) velocity ``v_old`` and the trained
+        one ``v_θ`` (both conditional, no CFG, as in the paper; with ``algorithm.nft_guidance_scale = g > 1`` both
+        are the CFG-guided ``v_u + g·(v_c - v_u)``, the policy that rolls out and is evaluated at guidance g), the implicit positive and negative policies are
         ``v⁺ = (1-β)·v_old + β·v_θ`` and ``v⁻ = (1+β)·v_old - β·v_θ``; the loss per draw is
         ``r·‖v⁺ - v*‖² + (1-r)·‖v⁻ - v*‖²`` (mean over dimensions) with the optimality weight
         ``r = clip(A / (2·A_max) + ½, 0, 1)``, ``A_max = algorithm.advantage_clip``. On-policy
@@ -589,7 +594,8 @@ class Trainer:
         # forward-process draws, one generator per sample: [n, k] σ and [n, k, ...] ε
         sig, eps = [], []
         for i in sample_ids:
-            g = torch.Generator().manual_seed(sample_seed(cfg.trainer.seed, epoch, NFT_SEED_OFFSET + i))
+            key = i // cfg.trainer.group_size if a.nft_shared_draws else i  # group-shared (CRN) or per-sample draws
+            g = torch.Generator().manual_seed(sample_seed(cfg.trainer.seed, epoch, NFT_SEED_OFFSET + key))
             s_i, e_i = forward_process_draws(g, k, tuple(x0_all.shape[1:]))  # logit-normal σ, SD3 shift 3
             sig.append(s_i)
             eps.append(e_i)
@@ -606,7 +612,7 @@ class Trainer:
                     for d in range(k):
                         s_ = sig_all[ids, d]
                         x_t = (1 - s_.view(-1, 1, 1, 1)) * x0_all[ids] + s_.view(-1, 1, 1, 1) * eps_all[ids, d]
-                        v_old_all[ids, d] = self.adapter.velocity(x_t, s_, cond[ids], 1.0)
+                        v_old_all[ids, d] = self.adapter.velocity(x_t, s_, cond[ids], a.nft_guidance_scale)
         stats: dict[str, list[float]] = {"nft_loss": [], "r": [], "v_old_err": []}
         for _inner in range(a.inner_epochs):
             for part in parts:
@@ -622,7 +628,7 @@ class Trainer:
                         e = eps_all[ids, d]
                         x_t = (1 - s_.view(-1, 1, 1, 1)) * x0 + s_.view(-1, 1, 1, 1) * e
                         target = e - x0
-                        v = self.adapter.velocity(x_t, s_, c, 1.0)
+                        v = self.adapter.velocity(x_t, s_, c, a.nft_guidance_scale)
                         v_old = v.detach() if v_old_all is None else v_old_all[ids, d]
                         v_pos = (1 - a.nft_beta) * v_old + a.nft_beta * v
                         v_neg = (1 + a.nft_beta) * v_old - a.nft_beta * v
@@ -787,13 +793,28 @@ class Trainer:
             res["dpo_first_loss"] = first_loss
         return res
 
+    def _per_tag(self, rewards, tags: list[str]) -> dict[str, float]:
+        """Mean training reward per metadata ``tag`` over all ranks: ``{"reward/tag/<tag>": mean}`` (tags with no
+        sample this epoch are left out)."""
+        sums = torch.zeros(len(self.tag_names), dtype=torch.float64)
+        counts = torch.zeros(len(self.tag_names), dtype=torch.float64)
+        index = {t: i for i, t in enumerate(self.tag_names)}
+        for r, t in zip(np.asarray(rewards, dtype=np.float64).tolist(), tags):
+            if t in index:
+                sums[index[t]] += r
+                counts[index[t]] += 1
+        tot = self._gather(torch.cat([sums, counts])[None]).sum(0)
+        k = len(self.tag_names)
+        return {f"reward/tag/{t}": float(tot[i] / tot[k + i]) for i, t in enumerate(self.tag_names) if tot[k + i] > 0}
+
     def _optimizer_step(self) -> None:
         if self.acc.num_processes > 1:
             for p in self.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 p.grad = self.acc.reduce(p.grad, reduction="mean")
-        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.trainer.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.trainer.grad_clip)
+        self.grad_norms.append(float(norm))  # pre-clip global norm, logged as train/grad_norm
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.opt_steps += 1
@@ -951,6 +972,11 @@ class Trainer:
             for k, v in cols.items():
                 if k != "reward":
                     log[f"reward/{k}"] = float(self._gather(torch.as_tensor(v)).mean())
+            if batch is not None and len(self.tag_names) > 1:  # per-task training reward (GenEval tags)
+                log.update(self._per_tag(cols["reward"], batch["tags"]))
+            if self.grad_norms:
+                log["train/grad_norm"] = float(np.mean(self.grad_norms))
+                self.grad_norms = []
             history.append({"epoch": epoch, **log})
             self._log(log, epoch)
             if self.acc.is_main_process:  # written every epoch, so a stopped run keeps its curve
