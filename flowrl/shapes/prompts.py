@@ -105,16 +105,21 @@ def write_jsonl(records: list[dict], path: str | Path) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read and validate a GenEval metadata JSON-lines file.
+def load_json_lines(path: str | Path, check=None, missing_hint: str = "") -> list[dict]:
+    """Read a JSON-lines file of records, naming the line of any bad record.
+
+    Args:
+        path: the file. check: optional ``f(record) -> str | None`` returning an error text for a bad record.
+        missing_hint: appended to the not-found message (how to produce the file).
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: on a line that is not JSON or a record without ``prompt``/``tag``/``include``, naming the line.
+        ValueError: on a line that is not a JSON object, a record ``check`` rejects (``path:line: message``), or an
+            empty file.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt/metadata file not found: {path}")
+        raise FileNotFoundError(f"file not found: {path}{missing_hint}")
     out = []
     with open(path) as f:
         for i, line in enumerate(f, 1):
@@ -123,17 +128,34 @@ def read_jsonl(path: str | Path) -> list[dict]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); each line must be one metadata record") from e
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise ValueError(f"{path}:{i}: each record needs a string 'prompt' (GenEval metadata format)")
-            missing = [k for k in ("tag", "include") if k not in rec]
-            if missing:
-                raise ValueError(f"{path}:{i}: record for {rec['prompt']!r} lacks {missing}; GenEval metadata needs "
-                                 "'tag' and 'include' (see assets/prompts/*.jsonl)")
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); each line must be one record") from e
+            err = "each line must be a JSON object" if not isinstance(rec, dict) else (check(rec) if check else None)
+            if err:
+                raise ValueError(f"{path}:{i}: {err}")
             out.append(rec)
     if not out:
         raise ValueError(f"{path}: no records")
     return out
+
+
+def _check_metadata(rec: dict) -> str | None:
+    if not isinstance(rec.get("prompt"), str):
+        return "each record needs a string 'prompt' (GenEval metadata format)"
+    missing = [k for k in ("tag", "include") if k not in rec]
+    if missing:
+        return (f"record for {rec['prompt']!r} lacks {missing}; GenEval metadata needs 'tag' and 'include' "
+                "(see assets/prompts/*.jsonl)")
+    return None
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read and validate a GenEval metadata JSON-lines file (:func:`load_json_lines`).
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: on a line that is not JSON or a record without ``prompt``/``tag``/``include``, naming the line.
+    """
+    return load_json_lines(path, _check_metadata, " (prompt/metadata file)")
 
 
 def sample_caption(rng: np.random.Generator, pool: list[dict] | None = None) -> dict:

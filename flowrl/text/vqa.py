@@ -35,14 +35,13 @@ for exact-match scoring.
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from pathlib import Path
 
 import numpy as np
 
-from flowrl.shapes.prompts import PLURALS, RELATIONS
+from flowrl.shapes.prompts import PLURALS, RELATIONS, load_json_lines, write_jsonl
 from flowrl.shapes.render import COLORS, IMAGE_SIZE, SHAPES, SceneObject, _place, relation_holds, render_scene
 
 __all__ = ["TAGS", "SPLITS", "SEED_STRIDE", "MAX_COUNT", "make_vqa", "make_record", "render_record",
@@ -330,13 +329,9 @@ def vocabulary_corpus() -> list[str]:
 # Files
 # --------------------------------------------------------------------------------------------------------------------
 
-def write_jsonl(records: list[dict], path: str | Path) -> None:
-    """Write VQA records as JSON lines (creates parent folders)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+def _check_record(rec: dict) -> str | None:
+    missing = [k for k in ("image_seed", "objects", "question", "answer", "tag") if k not in rec]
+    return f"VQA record lacks {missing}" if missing else None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -346,22 +341,4 @@ def read_jsonl(path: str | Path) -> list[dict]:
         FileNotFoundError: if ``path`` does not exist.
         ValueError: on a line that is not JSON or lacks a required key (the line number is given), or no records.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"VQA file not found: {path} (write it with scripts/make_vqa.py)")
-    out = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from e
-            missing = [k for k in ("image_seed", "objects", "question", "answer", "tag") if k not in rec]
-            if missing:
-                raise ValueError(f"{path}:{i}: VQA record lacks {missing}")
-            out.append(rec)
-    if not out:
-        raise ValueError(f"{path}: no records")
-    return out
+    return load_json_lines(path, _check_record, " (write it with scripts/make_vqa.py)")
