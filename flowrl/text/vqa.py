@@ -45,7 +45,7 @@ from flowrl.shapes.prompts import PLURALS, RELATIONS, load_json_lines, write_jso
 from flowrl.shapes.render import COLORS, IMAGE_SIZE, SHAPES, SceneObject, _place, relation_holds, render_scene
 
 __all__ = ["TAGS", "SPLITS", "SEED_STRIDE", "MAX_COUNT", "make_vqa", "make_record", "render_record",
-           "objects_from_record", "normalize_answer", "parse_answer", "reasoning_text", "target_text", "scene_key",
+           "objects_from_record", "normalize_answer", "parse_answer", "is_formatted", "reasoning_text", "target_text", "scene_key",
            "write_jsonl", "read_jsonl", "answer_space", "vocabulary_corpus"]
 
 TAGS = ("count", "color", "shape", "position", "exists")
@@ -268,6 +268,15 @@ def parse_answer(text: str) -> str | None:
     """The content of the last complete ``<answer>…</answer>`` in a generation (stripped), or ``None`` if absent."""
     found = _ANSWER_RE.findall(text or "")
     return found[-1].strip() if found else None
+
+
+FORMAT_RE = re.compile(r"^\s*<think>.+?</think>\s*<answer>.+?</answer>\s*$", re.DOTALL)
+
+
+def is_formatted(text: str) -> bool:
+    """True if ``text`` is exactly ``<think>…</think><answer>…</answer>`` (non-empty parts; whitespace allowed between
+    and around) — the reasoning format of the SFT targets and of DeepSeek-R1's format reward."""
+    return bool(FORMAT_RE.match(text or ""))
 
 
 def reasoning_text(rec: dict) -> str:
