@@ -190,25 +190,35 @@ class ConfigError(ValueError):
     """A configuration that cannot train correctly; the message says what to change."""
 
 
-def to_train_config(cfg) -> TrainConfig:
-    """Convert a composed Hydra config to :class:`TrainConfig`, refusing keys the schema does not know (Hydra lets
-    ``+group.key=value`` add them; a typo there must not be silently ignored).
+def to_structured(cfg, schema, where: str = "flowrl/config.py"):
+    """Convert a composed Hydra config to the dataclass ``schema`` (sections of dataclasses), refusing keys the schema
+    does not know (Hydra lets ``+group.key=value`` add them; a typo there must not be silently ignored).
 
     Raises:
-        ConfigError: naming every unknown key.
+        ConfigError: naming every unknown key and the file that defines the schema.
     """
     import dataclasses
 
     from omegaconf import OmegaConf
 
+    sections = {f.name: f for f in dataclasses.fields(schema)}
     unknown = []
-    for f in dataclasses.fields(TrainConfig):
+    for name, f in sections.items():
         known = {g.name for g in dataclasses.fields(f.default_factory())}
-        unknown += [f"{f.name}.{k}" for k in cfg.get(f.name, {}) if k not in known]
-    unknown += [k for k in cfg if k not in {f.name for f in dataclasses.fields(TrainConfig)}]
+        unknown += [f"{name}.{k}" for k in cfg.get(name, {}) if k not in known]
+    unknown += [k for k in cfg if k not in sections]
     if unknown:
-        raise ConfigError(f"unknown config keys {unknown}; check the spelling against flowrl/config.py")
+        raise ConfigError(f"unknown config keys {unknown}; check the spelling against {where}")
     return OmegaConf.to_object(cfg)
+
+
+def to_train_config(cfg) -> TrainConfig:
+    """Composed Hydra config → :class:`TrainConfig` (:func:`to_structured`).
+
+    Raises:
+        ConfigError: naming every unknown key.
+    """
+    return to_structured(cfg, TrainConfig)
 
 
 @dataclass

@@ -6,11 +6,10 @@ and names, and :func:`validate_vlm` refuses combinations that would train silent
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowrl.config import ConfigError
+from flowrl.config import ConfigError, to_structured
 
 
 @dataclass
@@ -112,22 +111,12 @@ def register_vlm_configs() -> None:
 
 
 def to_vlm_config(cfg) -> VLMTrainConfig:
-    """Composed Hydra config → :class:`VLMTrainConfig`, refusing unknown keys.
+    """Composed Hydra config → :class:`VLMTrainConfig`, refusing unknown keys (:func:`flowrl.config.to_structured`).
 
     Raises:
         ConfigError: naming every unknown key.
     """
-    from omegaconf import OmegaConf
-
-    unknown = []
-    sections = {f.name: f for f in dataclasses.fields(VLMTrainConfig)}
-    for name, f in sections.items():
-        known = {g.name for g in dataclasses.fields(f.default_factory())}
-        unknown += [f"{name}.{k}" for k in cfg.get(name, {}) if k not in known]
-    unknown += [k for k in cfg if k not in sections]
-    if unknown:
-        raise ConfigError(f"unknown config keys {unknown}; check the spelling against flowrl/text/config.py")
-    return OmegaConf.to_object(cfg)
+    return to_structured(cfg, VLMTrainConfig, "flowrl/text/config.py")
 
 
 def validate_vlm(cfg: VLMTrainConfig, world_size: int = 1) -> int:
