@@ -264,7 +264,8 @@ class Trainer:
         self.step_fn = step_fn(cfg.sampler.kind, float(self.sigmas[1]), cfg.sampler.density)
         self.policy_loss = POLICY_LOSSES[cfg.algorithm.policy_loss]
         self.opt_steps = 0
-        self.grad_norms: list[float] = []  # pre-clip gradient norms of the current epoch's optimizer steps
+        self.grad_norms: list[float] = []
+        self.epoch = 0  # the epoch being trained (names fault checkpoints)  # pre-clip gradient norms of the current epoch's optimizer steps
         self.tag_names = sorted({str(m.get("tag", "")) for m in self.train_md})
         self.history: list[dict] = []
         self.writer = None
@@ -814,6 +815,14 @@ class Trainer:
                     p.grad = torch.zeros_like(p)
                 p.grad = self.acc.reduce(p.grad, reduction="mean")
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.trainer.grad_clip)
+        if not math.isfinite(float(norm)):  # NaN/inf loss: never apply the step; keep the last good weights
+            self.opt.zero_grad(set_to_none=True)
+            path = self.save(f"nan_loss_epoch_{self.epoch:04d}", self.epoch - 1, self.history)
+            raise RuntimeError(
+                f"non-finite gradient (norm {float(norm)}) at epoch {self.epoch}, optimizer step {self.opt_steps + 1}: "
+                f"the loss is NaN/inf. The step was not applied and the weights before it were saved to {path}. "
+                "Lower trainer.lr, check the rewards and advantages (algorithm.advantage_eps, advantage_clip) or "
+                f"trainer.mixed_precision, then continue with trainer.resume={path}")
         self.grad_norms.append(float(norm))  # pre-clip global norm, logged as train/grad_norm
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -834,16 +843,24 @@ class Trainer:
         final = self.out / "checkpoints" / name
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.adapter.save_lora(tmp / "lora")
-        if self.ema is not None:
-            with self.ema.swapped():
-                self.adapter.save_lora(tmp / "lora_ema")
-        torch.save({"optimizer": self.opt.state_dict(), "opt_steps": self.opt_steps,
-                    "ema": self.ema.shadow if self.ema else None,
-                    "ema_updates": self.ema.updates if self.ema else 0,
-                    "params": [p.detach().clone() for p in self.params], "epoch": epoch,
-                    "history": list(history or [])}, tmp / "trainer_state.pt")
+        try:
+            tmp.mkdir(parents=True)
+            self.adapter.save_lora(tmp / "lora")
+            if self.ema is not None:
+                with self.ema.swapped():
+                    self.adapter.save_lora(tmp / "lora_ema")
+            torch.save({"optimizer": self.opt.state_dict(), "opt_steps": self.opt_steps,
+                        "ema": self.ema.shadow if self.ema else None,
+                        "ema_updates": self.ema.updates if self.ema else 0,
+                        "params": [p.detach().clone() for p in self.params], "epoch": epoch,
+                        "history": list(history or [])}, tmp / "trainer_state.pt")
+        except (OSError, RuntimeError) as e:  # a full disk surfaces as OSError(ENOSPC) or torch's RuntimeError
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial checkpoint; the earlier ones are intact
+            last = self.find_checkpoint("auto")
+            raise RuntimeError(
+                f"saving checkpoint {final} failed ({type(e).__name__}: {e}); is the disk full? Nothing partial was "
+                f"left behind; the last complete checkpoint is {last or 'none'}. Free space in {self.out} (or set "
+                f"trainer.output_dir elsewhere) and continue with trainer.resume=auto") from e
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         return final
@@ -939,6 +956,7 @@ class Trainer:
         bar = tqdm(range(start, t.epochs), desc=cfg.algorithm.name, disable=not self.acc.is_main_process,
                    initial=start, total=t.epochs)
         for epoch in bar:
+            self.epoch = epoch
             t0 = time.time()
             # offline DPO trains on a pairs file: no rollout and no reward during training
             batch = None if self.dpo_pairs is not None else self.collect(epoch)

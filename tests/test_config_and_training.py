@@ -154,6 +154,59 @@ def test_nan_reward_stops_after_saving(tiny_sd3_path, tmp_path, monkeypatch):
     assert (tmp_path / "run" / "nan_reward_images.png").is_file()
 
 
+def test_nan_loss_stops_without_applying_the_step(tiny_sd3_path, tmp_path):
+    """Fault: a NaN loss. The optimizer step is not applied, the last good weights are saved, the message says how
+    to resume."""
+    import dataclasses
+
+    from flowrl.trainer import Trainer
+
+    cfg = _small_cfg(tiny_sd3_path, tmp_path / "run", eval_base=False)
+    tr = Trainer(cfg)
+    before = [p.detach().clone() for p in tr.params]
+    loss_fn = tr.policy_loss
+
+    def nan_loss(*args, **kwargs):
+        out = loss_fn(*args, **kwargs)
+        return dataclasses.replace(out, loss=out.loss * float("nan"))
+
+    tr.policy_loss = nan_loss
+    with pytest.raises(RuntimeError, match="non-finite gradient") as e:
+        tr.run()
+    assert "trainer.resume=" in str(e.value) and "not applied" in str(e.value)
+    ckpt = tmp_path / "run" / "checkpoints" / "nan_loss_epoch_0000"
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    assert state["epoch"] == -1
+    for a, b, c in zip(before, tr.params, state["params"]):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_full_disk_when_saving_keeps_the_last_checkpoint(tiny_sd3_path, tmp_path, monkeypatch):
+    """Fault: the disk fills up while a checkpoint is written. No partial folder is left, the previous checkpoint
+    stays loadable, and the error names it."""
+    import errno
+
+    import flowrl.trainer as trainer_mod
+    from flowrl.trainer import Trainer
+
+    cfg = _small_cfg(tiny_sd3_path, tmp_path / "run", eval_base=False)
+    tr = Trainer(cfg)
+    good = tr.save("epoch_0001", 0, [])
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trainer_mod.torch, "save", full)
+    with pytest.raises(RuntimeError, match="disk full") as e:
+        tr.save("epoch_0002", 1, [])
+    assert str(good) in str(e.value)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert not (ckpts / "epoch_0002").exists() and not (ckpts / "epoch_0002.tmp").exists()
+    monkeypatch.undo()
+    assert tr.find_checkpoint("auto") == good
+    assert torch.load(good / "trainer_state.pt", weights_only=False)["epoch"] == 0
+
+
 def _script(*overrides, timeout=240):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "train_flowgrpo.py"), *overrides],
