@@ -84,7 +84,7 @@ class AlgorithmConfig:
     (ε errors, full fine-tuning at a tiny learning rate) saturates the sigmoid there after one step.
     """
 
-    name: str = "flow_grpo"  # flow_grpo | nft | dpo
+    name: str = "flow_grpo"  # flow_grpo | nft | raft (reward-ranked flow-matching fine-tuning) | dpo
     advantage: str = "grpo"  # see flowrl.core.ADVANTAGE_ESTIMATORS
     advantage_eps: float = 1e-4
     advantage_clip: float = 5.0
@@ -260,8 +260,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> Derived:
                     f"{t.optimizer_steps_per_epoch} equal optimizer steps; use a divisor of {mb}")
     if s.kind not in ("sde", "cps", "dance"):
         errs.append(f"sampler.kind={s.kind!r}: choose 'sde', 'cps' or 'dance'")
-    if a.name not in ("flow_grpo", "nft", "dpo"):
-        errs.append(f"algorithm.name={a.name!r}: choose 'flow_grpo', 'nft' or 'dpo'")
+    if a.name not in ("flow_grpo", "nft", "raft", "dpo"):
+        errs.append(f"algorithm.name={a.name!r}: choose 'flow_grpo', 'nft', 'raft' or 'dpo'")
     if a.name == "dpo":
         if a.kl_beta > 0:
             errs.append("algorithm.name=dpo has no separate KL term (the DPO loss is itself KL-regularised, with "
@@ -275,10 +275,10 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> Derived:
         if not dpo_offline and a.dynamic_sampling:
             errs.append("algorithm.name=dpo with dpo_pairs=online already skips groups without reward spread (they "
                         "form no pair): set algorithm.dynamic_sampling=false")
-    if a.name == "nft":
+    if a.name in ("nft", "raft"):
         if a.kl_beta > 0:
-            errs.append("algorithm.name=nft has no likelihood and no KL term: set algorithm.kl_beta=0 (β of NFT is "
-                        "algorithm.nft_beta)")
+            errs.append(f"algorithm.name={a.name} has no likelihood and no KL term: set algorithm.kl_beta=0 (β of "
+                        "NFT is algorithm.nft_beta)")
         if a.advantage_clip is None or a.advantage_clip <= 0:
             errs.append("algorithm.name=nft maps advantages to r = clip(A/(2·A_max)+½, 0, 1) with A_max = "
                         "algorithm.advantage_clip: set it > 0 (e.g. 5)")
@@ -287,7 +287,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> Derived:
         if a.nft_guidance_scale < 1:
             errs.append(f"algorithm.nft_guidance_scale={a.nft_guidance_scale} must be ≥ 1 (1 = conditional velocity, "
                         "the paper's CFG-free NFT; set it to sampler.guidance_scale to train the guided policy)")
-    if s.noise_level <= 0 and a.name not in ("nft", "dpo"):
+    if s.noise_level <= 0 and a.name not in ("nft", "raft", "dpo"):
         errs.append("sampler.noise_level must be > 0 for a likelihood-ratio update (0 is the ODE: no log-probability); "
                     "use it only for evaluation")
     if s.density not in ("gaussian", "squared_error") or (s.density == "squared_error" and s.kind != "cps"):

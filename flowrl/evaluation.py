@@ -2,12 +2,18 @@
 
 The same protocol serves the base model, a checkpoint and the end of training: image ``k`` of prompt ``i`` is drawn
 from seed ``seed + i·images_per_prompt + k`` whatever the model, so two models are compared on identical noise.
+
+:func:`evaluate` scores GenEval metadata with one reward (the trainer's held-out evaluation);
+:func:`evaluate_benchmark` scores any prompt file of :mod:`flowrl.prompt_sets` (GenEval, OCR, plain) with several
+rewards at once (:func:`parse_reward_specs`, :class:`RewardSet`) and adds per-reward, per-task / per-category means
+(:func:`benchmark_summary`) that :mod:`flowrl.eval_report` turns into side-by-side reports.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -84,25 +90,16 @@ def summarize(records: list[dict]) -> dict:
     return {k: float(np.mean([r[k] for r in records])) for k in keys}
 
 
-@torch.no_grad()
-def evaluate(adapter, metadata: list[dict], reward_fn, *, images_per_prompt: int = 4, steps: int = 40,
-             guidance_scale: float = 4.5, resolution: int = 64, seed: int = 0, batch: int = 32,
-             out_dir: str | Path | None = None, progress: bool = False, geneval_layout: bool = True) -> dict:
-    """Score ``adapter`` on GenEval metadata records with ODE sampling.
-
-    Writes, when ``out_dir`` is given: ``results.jsonl`` (one line per image: prompt, tag, image index, every reward
-    column), ``summary.json``, ``summary.md`` (per-task table), ``grid.png`` (first image of each prompt) and, with
-    ``geneval_layout``, the official evaluator's folder layout ``<NNNNN>/metadata.jsonl`` + ``samples/<dddd>.png``.
-
-    Returns:
-        The summary dict (see :func:`summarize`) with ``"records"`` omitted.
-    """
+def _score(adapter, metadata: list[dict], reward_fn, *, images_per_prompt: int, steps: int, guidance_scale: float,
+           resolution: int, seed: int, batch: int, out: Path | None, progress: bool, geneval_layout: bool,
+           desc: str) -> tuple[list[dict], list[np.ndarray]]:
+    """Generate and score every image of ``metadata``: ``(records, first image of each prompt)``; writes the
+    GenEval folder layout under ``out/images`` when asked."""
     from tqdm.auto import tqdm
 
     jobs = [(i, k) for i in range(len(metadata)) for k in range(images_per_prompt)]
     records, firsts = [], []
-    out = Path(out_dir) if out_dir else None
-    bar = tqdm(total=len(jobs), desc="evaluate", disable=not progress, leave=False)
+    bar = tqdm(total=len(jobs), desc=desc, disable=not progress, leave=False)
     for j in range(0, len(jobs), batch):
         chunk = jobs[j : j + batch]
         mds = [metadata[i] for i, _ in chunk]
@@ -112,6 +109,8 @@ def evaluate(adapter, metadata: list[dict], reward_fn, *, images_per_prompt: int
         cols = check_reward_output(reward_fn(imgs, prompts, mds), len(imgs), getattr(reward_fn, "name", "reward"))
         for n, ((i, k), md) in enumerate(zip(chunk, mds)):
             rec = {"prompt": md["prompt"], "tag": md.get("tag", ""), "prompt_index": i, "image_index": k}
+            if "category" in md:
+                rec["category"] = md["category"]
             rec.update({c: float(v[n]) for c, v in cols.items()})
             records.append(rec)
             if k == 0:
@@ -124,18 +123,256 @@ def evaluate(adapter, metadata: list[dict], reward_fn, *, images_per_prompt: int
                 Image.fromarray(imgs[n]).save(d / "samples" / f"{k:04d}.png")
         bar.update(len(chunk))
     bar.close()
+    return records, firsts
+
+
+def _write(out: Path, records: list[dict], summary: dict, summary_md: str, firsts: list[np.ndarray]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(summary_md)
+    if firsts:
+        save_grid(np.stack(firsts[:64]), out / "grid.png")
+
+
+@torch.no_grad()
+def evaluate(adapter, metadata: list[dict], reward_fn, *, images_per_prompt: int = 4, steps: int = 40,
+             guidance_scale: float = 4.5, resolution: int = 64, seed: int = 0, batch: int = 32,
+             out_dir: str | Path | None = None, progress: bool = False, geneval_layout: bool = True,
+             desc: str = "evaluate") -> dict:
+    """Score ``adapter`` on GenEval metadata records with ODE sampling.
+
+    Writes, when ``out_dir`` is given: ``results.jsonl`` (one line per image: prompt, tag, image index, every reward
+    column), ``summary.json``, ``summary.md`` (per-task table), ``grid.png`` (first image of each prompt) and, with
+    ``geneval_layout``, the official evaluator's folder layout ``<NNNNN>/metadata.jsonl`` + ``samples/<dddd>.png``.
+    ``desc`` labels the progress bar.
+
+    Returns:
+        The summary dict (see :func:`summarize`) with ``"records"`` omitted.
+    """
+    out = Path(out_dir) if out_dir else None
+    records, firsts = _score(adapter, metadata, reward_fn, images_per_prompt=images_per_prompt, steps=steps,
+                             guidance_scale=guidance_scale, resolution=resolution, seed=seed, batch=batch, out=out,
+                             progress=progress, geneval_layout=geneval_layout, desc=desc)
     summary = summarize(records)
     summary.update({"images_per_prompt": images_per_prompt, "steps": steps, "guidance_scale": guidance_scale,
                     "seed": seed})
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "results.jsonl", "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        (out / "summary.md").write_text(markdown_table({"score": summary}))
-        if firsts:
-            save_grid(np.stack(firsts[:64]), out / "grid.png")
+        _write(out, records, summary, markdown_table({"score": summary}), firsts)
+    return summary
+
+
+# -- benchmark evaluation: several rewards, any prompt file ----------------------------------------------------
+_SPEC_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split at commas outside braces, brackets and JSON strings (``a,b={"x": [1, 2]}`` → two parts)."""
+    parts, depth, quoted, escaped, cur = [], 0, False, False, []
+    for ch in text:
+        if quoted:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                quoted = False
+        elif ch == '"':
+            quoted = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_reward_specs(values: list[str] | str) -> list[tuple[str, str, dict]]:
+    """Parse ``--reward`` values into ``(label, registered name, constructor kwargs)``.
+
+    Each value is one or more comma-separated specs ``name`` or ``name={json object of arguments}``, e.g.
+    ``clip_score,aesthetic`` or ``'clip_score={"model": "openai/clip-vit-large-patch14"}'``. A name given twice
+    (with different arguments) is labelled ``name``, ``name_2``, ...
+
+    Raises:
+        ValueError: an empty spec list, a malformed name, or arguments that are not a JSON object.
+    """
+    if isinstance(values, str):
+        values = [values]
+    specs: list[tuple[str, str, dict]] = []
+    seen: dict[str, int] = {}
+    for value in values:
+        for spec in _split_top_level(value):
+            name, eq, arg = spec.partition("=")
+            name = name.strip()
+            if not _SPEC_NAME.match(name):
+                raise ValueError(f"--reward {spec!r}: expected NAME or NAME={{json arguments}}")
+            kwargs: dict = {}
+            if eq:
+                try:
+                    kwargs = json.loads(arg)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"--reward {spec!r}: the arguments after '=' are not valid JSON ({e.msg}); "
+                                     f"write e.g. {name}={{\"model\": \"...\"}}") from e
+                if not isinstance(kwargs, dict):
+                    raise ValueError(f"--reward {spec!r}: the arguments after '=' must be a JSON object")
+            seen[name] = seen.get(name, 0) + 1
+            specs.append((name if seen[name] == 1 else f"{name}_{seen[name]}", name, kwargs))
+    if not specs:
+        raise ValueError("no reward given; pass --reward NAME (several allowed)")
+    return specs
+
+
+class RewardSet:
+    """Several loaded rewards scored together, as one reward callable.
+
+    With one reward its columns are returned unchanged (so a single-reward evaluation is exactly the classic one).
+    With several: ``<label>`` = that reward's ``reward``, ``<label>/<column>`` = its extra columns, an extra column
+    only one reward has also under its bare name (so GenEval's ``strict`` / ``partial`` drive the GenEval summary),
+    and ``reward`` = the first reward's value (the primary reward).
+
+    Args:
+        rewards: ``{label: reward callable}`` in report order.
+    """
+
+    def __init__(self, rewards: dict):
+        if not rewards:
+            raise ValueError("RewardSet needs at least one reward")
+        self.rewards = dict(rewards)
+        self.labels = list(self.rewards)
+        self.name = "+".join(self.labels)
+
+    @property
+    def columns(self) -> dict[str, str]:
+        """``{label: the result column holding that reward's value}``."""
+        if len(self.labels) == 1:
+            return {self.labels[0]: "reward"}
+        return {label: label for label in self.labels}
+
+    def __call__(self, images: np.ndarray, prompts: list[str], metadata) -> dict[str, np.ndarray]:
+        if len(self.labels) == 1:
+            label = self.labels[0]
+            return check_reward_output(self.rewards[label](images, prompts, metadata), len(images), label)
+        out: dict[str, np.ndarray] = {}
+        extras: dict[str, list[np.ndarray]] = {}
+        for label, fn in self.rewards.items():
+            cols = check_reward_output(fn(images, prompts, metadata), len(images), label)
+            out[label] = cols["reward"]
+            for k, v in cols.items():
+                if k != "reward":
+                    out[f"{label}/{k}"] = v
+                    extras.setdefault(k, []).append(v)
+        for k, vs in extras.items():
+            if len(vs) == 1 and k not in out:
+                out[k] = vs[0]
+        out["reward"] = out[self.labels[0]]
+        return out
+
+
+def load_rewards(specs: list[tuple[str, str, dict]]) -> RewardSet:
+    """Instantiate parsed ``--reward`` specs (:func:`parse_reward_specs`) with :func:`flowrl.rewards.load_reward`.
+
+    Raises:
+        KeyError: an unknown name (the registry's message, listing the registered rewards).
+        ImportError: a reward whose module or optional dependency is missing.
+        ValueError: arguments the reward does not accept or rejects (the reward named).
+    """
+    from flowrl.rewards import load_reward
+
+    rewards = {}
+    for label, name, kwargs in specs:
+        try:
+            rewards[label] = load_reward(name, **kwargs)
+        except TypeError as e:
+            raise ValueError(f"reward {name!r}: bad arguments {kwargs}: {e}") from e
+    return RewardSet(rewards)
+
+
+_INDEX_COLUMNS = ("prompt_index", "image_index")
+
+
+def benchmark_summary(records: list[dict], *, kind: str, reward_columns: dict[str, str],
+                      group_key: str | None = None) -> dict:
+    """Every reward's mean, overall and per group, from per-image records (as :func:`evaluate` writes them).
+
+    Args:
+        records: one dict per image with ``prompt_index`` and float reward columns.
+        kind: the prompt-file kind (``geneval`` / ``ocr`` / ``plain``).
+        reward_columns: ``{reward label: column}`` (:attr:`RewardSet.columns`).
+        group_key: record field to group by (``tag`` = GenEval task, ``category``), or ``None``.
+
+    Returns:
+        ``{"kind", "n_prompts", "n_images", "reward_columns", "group_key", "rewards": {label: mean},
+        "columns": {column: mean}, "groups": {group: {"n_images", "n_prompts", column: mean, ...}}}`` plus, for
+        GenEval records with ``strict``, ``"geneval"``: :func:`summarize`'s per-task strict accuracies, overall,
+        correct images/prompts and partial credit.
+
+    Raises:
+        ValueError: no records, or a reward column missing from the records.
+    """
+    if not records:
+        raise ValueError("benchmark_summary needs at least one record")
+    cols = [k for k, v in records[0].items() if isinstance(v, float) and k not in _INDEX_COLUMNS]
+    missing = [c for c in reward_columns.values() if c not in cols]
+    if missing:
+        raise ValueError(f"reward columns {missing} are not in the records (columns: {cols})")
+
+    def means(rs: list[dict]) -> dict[str, float]:
+        return {c: float(np.mean([r[c] for r in rs])) for c in cols}
+
+    col_means = means(records)
+    out = {"kind": kind, "n_prompts": len({r["prompt_index"] for r in records}), "n_images": len(records),
+           "reward_columns": dict(reward_columns), "group_key": group_key,
+           "rewards": {label: col_means[c] for label, c in reward_columns.items()}, "columns": col_means,
+           "groups": {}}
+    if group_key:
+        by: dict[str, list[dict]] = {}
+        for r in records:
+            by.setdefault(str(r.get(group_key, "")), []).append(r)
+        out["groups"] = {g: {"n_images": len(rs), "n_prompts": len({r["prompt_index"] for r in rs}), **means(rs)}
+                         for g, rs in by.items()}
+    if kind == "geneval" and "strict" in cols and all(r.get("tag") for r in records):
+        out["geneval"] = summarize(records)
+    return out
+
+
+@torch.no_grad()
+def evaluate_benchmark(adapter, metadata: list[dict], reward_fn, *, kind: str = "geneval",
+                       reward_columns: dict[str, str] | None = None, group_key: str | None = None,
+                       images_per_prompt: int = 4, steps: int = 40, guidance_scale: float = 4.5,
+                       resolution: int = 64, seed: int = 0, batch: int = 32, out_dir: str | Path | None = None,
+                       progress: bool = False, desc: str = "evaluate") -> dict:
+    """:func:`evaluate` for any prompt file (:mod:`flowrl.prompt_sets`) and several rewards (:class:`RewardSet`).
+
+    Same sampling protocol and files as :func:`evaluate` (``results.jsonl``, ``summary.json``, ``grid.png``, the
+    GenEval folder layout ``images/``), with ``summary.json`` extended by ``"benchmark"`` (:func:`benchmark_summary`)
+    and ``summary.md`` holding the readable tables (:mod:`flowrl.eval_report`).
+
+    Returns:
+        The :func:`evaluate` summary plus ``"benchmark"``.
+    """
+    from flowrl.eval_report import render_markdown, summary_sections
+
+    reward_columns = (reward_columns or getattr(reward_fn, "columns", None)
+                      or {getattr(reward_fn, "name", "reward"): "reward"})
+    out = Path(out_dir) if out_dir else None
+    records, firsts = _score(adapter, metadata, reward_fn, images_per_prompt=images_per_prompt, steps=steps,
+                             guidance_scale=guidance_scale, resolution=resolution, seed=seed, batch=batch, out=out,
+                             progress=progress, geneval_layout=True, desc=desc)
+    summary = summarize(records)
+    summary.update({"images_per_prompt": images_per_prompt, "steps": steps, "guidance_scale": guidance_scale,
+                    "seed": seed})
+    summary["benchmark"] = benchmark_summary(records, kind=kind, reward_columns=reward_columns, group_key=group_key)
+    if out is not None:
+        md = render_markdown(summary_sections({"score": summary["benchmark"]}), ["score"], base=None)
+        _write(out, records, summary, md, firsts)
     return summary
 
 

@@ -16,7 +16,8 @@ One epoch (Flow-GRPO, arXiv 2505.05470, Alg. 1; recipe in ``shared/REFERENCE.md`
    trained (sample, step) pairs of the optimizer step; gradients of the LoRA are all-reduced across ranks.
 4. EMA of the LoRA weights (used for evaluation), logging, image grids, checkpoints.
 
-Other update rules share steps 1, 2 and 4: ``algorithm.name=nft`` (DiffusionNFT, :meth:`Trainer.update_nft`) and
+Other update rules share steps 1, 2 and 4: ``algorithm.name=nft`` (DiffusionNFT, :meth:`Trainer.update_nft`; ``raft``
+is its positive-only special case, reward-ranked fine-tuning) and
 ``algorithm.name=dpo`` (Flow-DPO, :meth:`Trainer.update_dpo`), the latter on online best/worst pairs of the rollout
 groups or on an offline pairs file (then no rollout and no reward during training).
 """
@@ -579,6 +580,11 @@ class Trainer:
         ``β·(2r-1)·∇‖v_θ - v*‖²``: reward-weighted flow matching that pulls good samples and pushes bad ones.
         With several optimizer steps or inner epochs ``v_old`` is computed once, before the first step.
 
+        ``algorithm.name=raft`` (reward-ranked fine-tuning, RAFT, Dong et al. 2023, arXiv 2304.06767, on the same
+        forward-process draws): plain flow matching ``‖v_θ - v*‖²`` on the samples whose advantage is > 0 (above their
+        group's mean; weight 1) and nothing on the others, averaged over the trained (sample, draw) pairs of all ranks:
+        supervised fine-tuning on the policy's own better samples, no push away from the worse ones.
+
         Args:
             traj: trajectories ``[n, ...]`` (only ``final`` is used; any sampler, the ODE included).
             cond: prompt embeddings ``[n, ...]``; adv: ``[n]`` advantages; sample_ids: the epoch's sample indices.
@@ -615,9 +621,13 @@ class Trainer:
                         x_t = (1 - s_.view(-1, 1, 1, 1)) * x0_all[ids] + s_.view(-1, 1, 1, 1) * eps_all[ids, d]
                         v_old_all[ids, d] = self.adapter.velocity(x_t, s_, cond[ids], a.nft_guidance_scale)
         stats: dict[str, list[float]] = {"nft_loss": [], "r": [], "v_old_err": []}
+        raft = a.name == "raft"
+        if raft:  # reward-ranked fine-tuning: flow matching on the above-group-mean samples only (weight 1, else 0)
+            r_all = (adv > 0).float()
         for _inner in range(a.inner_epochs):
             for part in parts:
-                count = self._gather(torch.tensor([len(part) * k])).sum().item()
+                n_part = int(r_all[torch.as_tensor(part, dtype=torch.long)].sum()) if raft else len(part)
+                count = self._gather(torch.tensor([n_part * k])).sum().item()
                 if count == 0:
                     continue
                 scale = self.acc.num_processes / count
@@ -634,8 +644,11 @@ class Trainer:
                         v_pos = (1 - a.nft_beta) * v_old + a.nft_beta * v
                         v_neg = (1 + a.nft_beta) * v_old - a.nft_beta * v
                         err_pos = (v_pos - target).pow(2).flatten(1).mean(1)
-                        err_neg = (v_neg - target).pow(2).flatten(1).mean(1)
-                        per = r * err_pos + (1 - r) * err_neg
+                        if raft:
+                            per = r * (v - target).pow(2).flatten(1).mean(1)
+                        else:
+                            err_neg = (v_neg - target).pow(2).flatten(1).mean(1)
+                            per = r * err_pos + (1 - r) * err_neg
                         (per.sum() * scale).backward()
                         with torch.no_grad():
                             stats["nft_loss"].append(per.mean().item())
@@ -961,7 +974,7 @@ class Trainer:
             # offline DPO trains on a pairs file: no rollout and no reward during training
             batch = None if self.dpo_pairs is not None else self.collect(epoch)
             t1 = time.time()
-            if cfg.algorithm.name == "nft":
+            if cfg.algorithm.name in ("nft", "raft"):
                 stats = self.update_nft(batch["traj"], batch["cond"], batch["adv"], batch["sample_ids"], epoch)
             elif cfg.algorithm.name == "dpo":
                 x_w, x_l, prompts, keys, n_pairs = (self.dpo_offline_pairs(epoch) if batch is None

@@ -71,7 +71,7 @@ def group_gradients(overrides: list[str], groups: int, threads: int, seed: int =
         traj, cond, adv = batch["traj"].select(keep), batch["cond"][keep], batch["adv"][keep]
         sids = [batch["sample_ids"][i] for i in idx.tolist()]
         captured.clear()
-        if cfg.algorithm.name == "nft":
+        if cfg.algorithm.name in ("nft", "raft"):
             tr.update_nft(traj, cond, adv, sids, 0)
         else:
             tr.update(traj, cond, adv)

@@ -413,6 +413,47 @@ def test_nft_update_pulls_positive_and_pushes_negative_samples(tiny_sd3_path, tm
         validate(cfg)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_raft_update_is_flow_matching_on_above_mean_samples(tiny_sd3_path, tmp_path, shared):
+    """algorithm=raft: the update's gradient equals the gradient of the mean flow-matching error over the
+    (sample, draw) pairs of samples with A > 0 only; with nft_shared_draws a group shares its (σ, ε) draws."""
+    from flowrl.trainer import NFT_SEED_OFFSET, Trainer, forward_process_draws, make_epoch, sample_seed
+
+    cfg = _small_cfg(tiny_sd3_path, tmp_path / "run", eval_base=False)
+    cfg.algorithm.name, cfg.algorithm.kl_beta, cfg.algorithm.nft_timesteps = "raft", 0.0, 2
+    cfg.algorithm.nft_shared_draws, cfg.algorithm.nft_guidance_scale = shared, 2.0
+    cfg.sampler.noise_level = 0.0
+    validate(cfg)
+    tr = Trainer(cfg)
+    eb = make_epoch(cfg, tr.train_md, 0, 0, 1)
+    traj, cond, _, _ = tr.rollout(eb, 0)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, -1.0, 2.0, -0.2, -0.3])
+    tr._optimizer_step = lambda: None
+    tr.update_nft(traj, cond, adv, eb.sample_ids, 0)
+    got = [p.grad.clone() for p in tr.params]
+    for p in tr.params:
+        p.grad = None
+    g = cfg.trainer.group_size
+    terms = []
+    for i, sid in enumerate(eb.sample_ids):
+        key = sid // g if shared else sid
+        sig, eps = forward_process_draws(torch.Generator().manual_seed(
+            sample_seed(cfg.trainer.seed, 0, NFT_SEED_OFFSET + key)), 2, tuple(traj.final.shape[1:]))
+        if shared and i % g:
+            assert torch.equal(sig, first_sig)
+        if i % g == 0:
+            first_sig = sig
+        if adv[i] <= 0:
+            continue
+        x0 = traj.final[i : i + 1].expand(2, *traj.final.shape[1:])
+        xt = (1 - sig.view(-1, 1, 1, 1)) * x0 + sig.view(-1, 1, 1, 1) * eps
+        v = tr.adapter.velocity(xt, sig, cond[[i, i]], 2.0)
+        terms.append((v - (eps - x0)).pow(2).flatten(1).mean(1))
+    torch.cat(terms).mean().backward()
+    for a, p in zip(got, tr.params):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-9)
+
+
 def test_zero_advantage_samples_are_skipped_without_changing_the_update(tiny_sd3_path, tmp_path):
     """β = 0: skipping zero-advantage samples leaves the gradient identical (the normaliser still counts them)."""
     from flowrl.trainer import Trainer, make_epoch
