@@ -38,6 +38,7 @@ import argparse
 import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 
 class _AddModel(argparse.Action):
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", dest="models", action=_AddModel, metavar="[NAME=]PATH",
                    help="a LoRA or training-checkpoint folder, optionally labelled; repeatable")
     p.add_argument("--no-base", action="store_true", help="do not evaluate the base model")
-    p.add_argument("--metadata", "--prompts", dest="metadata", default="assets/prompts/shapes_test.jsonl",
+    p.add_argument("--metadata", "--prompts", dest="metadata", metavar="FILE",
+                   default="assets/prompts/shapes_test.jsonl",
                    help="prompt file: GenEval metadata .jsonl, OCR prompts, or a plain .txt/.csv/.jsonl prompt list")
     p.add_argument("--kind", choices=["geneval", "ocr", "plain"], default=None,
                    help="prompt-file kind (default: detected from the file)")
@@ -129,7 +131,7 @@ def resolve_models(specs: list[tuple[str | None, str]], with_base: bool) -> list
             label = next((c for c in candidates if c not in taken), None)
             k = 2
             while label is None:
-                label = next((c for c in [f"{candidates[0]}_{k}"] if c not in taken), None)
+                label = f"{candidates[0]}_{k}" if f"{candidates[0]}_{k}" not in taken else None
                 k += 1
         taken.add(label)
         models.append({"label": label, "path": path, "lora": folder, "weight_name": weight_name, "note": note})
@@ -138,7 +140,7 @@ def resolve_models(specs: list[tuple[str | None, str]], with_base: bool) -> list
     return models
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str) -> NoReturn:
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
