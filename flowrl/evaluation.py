@@ -34,9 +34,9 @@ def generate(adapter, prompts: list[str], seeds: list[int], steps: int, guidance
              noise_level: float = 0.0, kind: str = "sde") -> np.ndarray:
     """Images for ``prompts`` (one per prompt) with per-image seeds; ODE by default. Returns uint8 ``[B, H, W, 3]``."""
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    sigmas = adapter.sigmas(steps)  # first: the UNet family's initial noise depends on the grid
     x = adapter.initial_noise(gens, resolution, resolution)
     cond = adapter.encode(prompts)
-    sigmas = adapter.sigmas(steps)
     traj = sample_trajectory(lambda z, s: adapter.velocity(z, s, cond, guidance_scale), x, sigmas,
                              torch.full((steps,), float(noise_level)), kind=kind, generators=gens)
     return to_uint8(adapter.decode(traj.final))

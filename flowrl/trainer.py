@@ -287,6 +287,10 @@ class Trainer:
             from flowrl.models.flux import FluxAdapter
 
             return FluxAdapter.from_pretrained(m.pretrained, resolution=m.resolution, **kw)
+        if m.family == "unet":  # SD1.x/2.x ε/v-prediction UNets (DDPO), exposed in the flow-matching frame
+            from flowrl.models.unet import UNetAdapter
+
+            return UNetAdapter.from_pretrained(m.pretrained, **kw)
         from flowrl.models.sd3 import SD3Adapter
 
         return SD3Adapter.from_pretrained(m.pretrained, **kw)
@@ -309,6 +313,7 @@ class Trainer:
             cond = type(cache[prompts[0]]).cat([cache[p] for p in prompts])
             gens = [torch.Generator().manual_seed(sample_seed(cfg.trainer.seed, epoch, i))
                     for i in eb.sample_ids[j : j + mb]]
+            self.adapter.sigmas(cfg.sampler.train_steps)  # the UNet family scales x_T by its grid's first step
             if cfg.sampler.shared_initial_noise:  # one x_T per group: reward spread comes from the SDE steps only
                 x = self.adapter.initial_noise(
                     [torch.Generator().manual_seed(sample_seed(cfg.trainer.seed, epoch, GROUP_SEED_OFFSET + int(g)))

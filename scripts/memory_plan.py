@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -48,6 +47,10 @@ GiB = 1024**3
 # ----------------------------------------------------------------------------------------------------------------
 # Published configurations (transformer/config.json, vae/config.json, text_encoder*/config.json of the hub folders
 # stabilityai/stable-diffusion-3.5-medium and black-forest-labs/FLUX.1-dev), written out so that nothing is fetched.
+# Cross-checks in the installed diffusers 0.42: SD3Transformer2DModel documents dual_attention_layers (0, …, 12) for
+# SD3.5; the single-file loader (loaders/single_file_utils.py) recognises SD3.5-Medium by a pos_embed of 147456 =
+# 384² positions and the SD3 family's width 1536 by its 9216 = 6·1536 modulation outputs; FluxTransformer2DModel's
+# defaults are FLUX.1's sizes (19 + 38 blocks, 24 heads × 128, joint 4096, pooled 768), dev adding guidance_embeds.
 # ----------------------------------------------------------------------------------------------------------------
 SD35M_TRANSFORMER = dict(
     sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
@@ -238,7 +241,8 @@ def _rms_qk(s: int, d: int, h: int, e: int, full: bool) -> int:
 
 def _sdpa(s: int, d: int, h: int, e: int) -> int:
     """Fused scaled-dot-product attention (flash / memory-efficient kernels, also PyTorch's CPU flash kernel): q, k,
-    v and the output (4·e·D per token of the joint sequence) plus the fp32 log-sum-exp per head (4·H). No S² term."""
+    v and the output (4·e·D per token of the joint sequence) plus the fp32 log-sum-exp per head (4·H); no S²
+    term."""
     return s * (4 * e * d + 4 * h)
 
 
@@ -861,9 +865,9 @@ def plan_table(rows: list[Row]) -> str:
             cells.append(f"mb ≤ {b} ({_gib(r.peaks[o])} GiB)" if b else f"✗ ({_gib(r.peaks[o])} GiB at mb 1)")
         if r.recommended:
             ckpt, off, mb = r.recommended
+            where = SHARDING_NAMES[r.sharding] if r.sharding != "none" else "single GPU"
             rec = (f"micro_batch={mb}, gradient_checkpointing={'true' if ckpt else 'false'}, text encoders "
-                   f"{'offloaded' if off else 'on GPU'}, {SHARDING_NAMES[r.sharding] if r.sharding != 'none' else 'single GPU'}"
-                   + (" (tight: < 10 % free)" if r.tight else ""))
+                   f"{'offloaded' if off else 'on GPU'}, {where}" + (" (tight: < 10 % free)" if r.tight else ""))
         else:
             rec = "does not fit"
         lines.append("| " + " | ".join([r.hardware, r.method, SHARDING_NAMES[r.sharding], *cells,
@@ -927,8 +931,9 @@ def sanity_table(ms: list[Measurement]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in ms:
         ref = m.hooks_saved if m.hooks_saved is not None else m.retained
-        lines.append(f"| tiny {m.family.upper()} | {'full' if m.full else 'LoRA'} | {'on' if m.checkpointing else 'off'} "
-                     f"| ({m.s_x}+{m.s_c}) × {m.batch} | {m.hooks_saved if m.hooks_saved is not None else '—'} | "
+        lines.append(f"| tiny {m.family.upper()} | {'full' if m.full else 'LoRA'} | "
+                     f"{'on' if m.checkpointing else 'off'} | ({m.s_x}+{m.s_c}) × {m.batch} | "
+                     f"{m.hooks_saved if m.hooks_saved is not None else '—'} | "
                      f"{m.retained} | {m.formula.saved} | {m.formula.saved / ref:.2f} | {m.peak} | {m.formula.peak} | "
                      f"{m.formula.peak / m.peak:.2f} | {m.nograd_peak} | {m.formula_nograd} | "
                      f"{m.formula_nograd / m.nograd_peak:.2f} |")
@@ -1020,8 +1025,8 @@ def check_accelerate_config(path: str | Path, model: torch.nn.Module | None = No
         summary["fsdp_plugin"] = dict(
             sharding_strategy=str(plugin.sharding_strategy), state_dict_type=str(plugin.state_dict_type),
             use_orig_params=plugin.use_orig_params, cpu_offload=bool(plugin.cpu_offload.offload_params),
-            wrap_classes=list(plugin.transformer_cls_names_to_wrap or []), backward_prefetch=str(plugin.backward_prefetch),
-            wrapped_on=type(model).__name__)
+            wrap_classes=list(plugin.transformer_cls_names_to_wrap or []),
+            backward_prefetch=str(plugin.backward_prefetch), wrapped_on=type(model).__name__)
     if dt == DistributedType.DEEPSPEED:
         from accelerate.utils import DeepSpeedPlugin
 
@@ -1063,7 +1068,8 @@ def report(quick_check: bool = False) -> str:
     for key, (mc, _c) in counts.items():
         out.append(f"| {mc.name} | transformer (trainable under full FT) | {mc.transformer:,} |")
         if mc.transformer_buffers:
-            out.append(f"| {mc.name} | transformer persistent buffer (pos_embed 384²×1536) | {mc.transformer_buffers:,} |")
+            out.append(f"| {mc.name} | transformer persistent buffer (pos_embed 384²×1536) | "
+                       f"{mc.transformer_buffers:,} |")
         out.append(f"| {mc.name} | LoRA r32 on the attention projections | {mc.lora:,} |")
         for te, n in mc.text_encoders.items():
             out.append(f"| {mc.name} | {te} | {n:,} |")
@@ -1074,8 +1080,10 @@ def report(quick_check: bool = False) -> str:
             "H = heads, r = LoRA rank, e = 2 bytes of the fp16/bf16 compute dtype, a = 4 bytes of flowrl's fp32 "
             "LoRA; per-token sums, attention over the joint sequence):", "",
             "| part | LoRA (base frozen) | full fine-tuning |", "|---|---|---|",
-            "| LayerNorm 1 | e·D + 8 (nothing in the first block: its inputs need no gradient) | e·D + 8 + e·D (output × (1+scale)) |",
-            "| q/k/v projections | 3·a·(D + r) (peft casts the input to fp32 in each LoRA layer; frozen matmuls save nothing) | e·D (shared modulated input) |",
+            "| LayerNorm 1 | e·D + 8 (nothing in the first block: its inputs need no gradient) | "
+            "e·D + 8 + e·D (output × (1+scale)) |",
+            "| q/k/v projections | 3·a·(D + r) (peft casts the input to fp32 in each LoRA layer; frozen matmuls "
+            "save nothing) | e·D (shared modulated input) |",
             "| q and k RMSNorm | 2·(4·D + e·D + 4·H) | 2·(4·D + 2·e·D + 4·H) |",
             "| fused attention | 4·e·D + 4·H (q, k, v, out, log-sum-exp; no S² term) | same |",
             "| output projection | a·(D + r) | 2·e·D (input copy, output × gate) |",
@@ -1089,7 +1097,8 @@ def report(quick_check: bool = False) -> str:
     for w in (SD35M_512, FLUX_1024):
         out += [f"Per block type, {w.name} at {w.resolution}² ({w.image_tokens} image + {w.text_tokens} text tokens), "
                 "one sample (one forward row):", "", per_token_table(w), "",
-                f"Whole transformer, per micro-batch sample ({'2 forward rows: CFG' if w.cfg_doubling else '1 forward row'}), MiB:",
+                "Whole transformer, per micro-batch sample "
+                f"({'2 forward rows: CFG' if w.cfg_doubling else '1 forward row'}), MiB:",
                 "", activation_summary(w), ""]
     out += ["### Sanity check on CPU", "",
             "Tiny configurations of the same classes (SD3: 2 blocks, the first with dual attention, the last "
@@ -1097,11 +1106,15 @@ def report(quick_check: bool = False) -> str:
             "forward + backward on CPU. *saved (hooks)*: distinct storages packed by `saved_tensors_hooks` "
             "(parameters left out); *retained after fwd*: storages produced inside the forward still alive after it "
             "(TorchDispatchMode + storage weak references, also valid with checkpointing); *measured peak*: largest "
-            "live total over forward + backward. Bytes.", "", sanity_table(ms), "",
+            "live total over forward + backward; *no-grad fwd peak*: the same for a forward without gradients "
+            "(rollout, KL reference) against `forward_nograd_bytes`. Ratios are formula / measured (the saved "
+            "ratio against the hooks, or against the retained bytes with checkpointing, where the hooks do not see "
+            "inside the checkpointed blocks). Bytes.", "", sanity_table(ms), "",
             "VAE decode (real 16-channel decoder, random weights, bf16, no_grad): "
             + ", ".join(f"{8 * v['latent']}² px → {v['peak'] / 2**20:.0f} MiB = {v['bytes_per_pixel']:.0f} B/pixel"
                         for v in vae)
-            + f"; the plan uses {VAE_DECODE_BYTES_PER_PIXEL} B/pixel (512²: {VAE_DECODE_BYTES_PER_PIXEL * 512**2 / 2**20:.0f} MiB, "
+            + f"; the plan uses {VAE_DECODE_BYTES_PER_PIXEL} B/pixel "
+              f"(512²: {VAE_DECODE_BYTES_PER_PIXEL * 512**2 / 2**20:.0f} MiB, "
               f"1024²: {VAE_DECODE_BYTES_PER_PIXEL * 1024**2 / 2**30:.1f} GiB per image).", ""]
     out += ["## Plans", "",
             "Cells: the largest micro-batch (`trainer.micro_batch`, images per GPU; SD3.5 forwards twice as many "
@@ -1146,7 +1159,8 @@ def report(quick_check: bool = False) -> str:
             f"{fx_c.transformer * 2 / GiB:.1f} GiB.",
             f"- Full fine-tuning needs 16–18 bytes per trainable parameter before activations: SD3.5-M "
             f"({sd_c.transformer / 1e9:.2f} B) {sd_c.transformer * 18 / GiB:.0f} GiB on one GPU plus EMA "
-            f"({sd_c.transformer * 4 / GiB:.0f} GiB) and the reference copy ({sd_c.transformer * 2 / GiB:.0f} GiB): one "
+            f"({sd_c.transformer * 4 / GiB:.0f} GiB) and the reference copy ({sd_c.transformer * 2 / GiB:.0f} GiB): "
+            "one "
             f"80 GB GPU with checkpointing; FLUX.1-dev ({fx_c.transformer / 1e9:.2f} B) "
             f"{fx_c.transformer * 18 / GiB:.0f} GiB: only sharded. FSDP full shard on 8×80 GB fits it with "
             "checkpointing. ZeRO-2 replicates the bf16 weights and the frozen reference on every GPU and does not "
@@ -1158,7 +1172,8 @@ def report(quick_check: bool = False) -> str:
             "preparation, text-encoder offload, VAE slicing. The LoRA columns with the text encoders on the GPU are "
             "what `scripts/train_flowgrpo.py` runs as is (DDP-equivalent: the trainer all-reduces the LoRA "
             "gradients itself).", ""]
-    out += ["## Reproduce", "", "```", "OMP_NUM_THREADS=1 python scripts/memory_plan.py            # tables + this file",
+    out += ["## Reproduce", "", "```",
+            "OMP_NUM_THREADS=1 python scripts/memory_plan.py                      # tables + this file",
             "OMP_NUM_THREADS=1 python scripts/memory_plan.py --check-accelerate   # validate configs/accelerate/*.yaml",
             "```", ""]
     return "\n".join(out)

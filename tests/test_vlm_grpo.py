@@ -191,3 +191,19 @@ def test_bad_inputs_fail_at_start(tiny_vlm, vqa_files, tmp_path):
 
     with pytest.raises(FileNotFoundError, match="not found"):
         render_images([{"question": "q", "image": str(tmp_path / "missing.png")}])
+
+
+VLM_CONFIGS = ROOT / "configs" / "vlm"
+
+
+@pytest.mark.parametrize("group,option", [(g, f.stem) for g in ("model", "algorithm")
+                                          for f in sorted((VLM_CONFIGS / g).glob("*.yaml"))])
+def test_every_vlm_config_option_composes_and_validates(group, option):
+    from hydra import compose, initialize_config_dir
+
+    from flowrl.text.config import register_vlm_configs, to_vlm_config
+
+    register_vlm_configs()
+    with initialize_config_dir(config_dir=str(VLM_CONFIGS), version_base="1.3"):
+        cfg = to_vlm_config(compose(config_name="train", overrides=[f"{group}={option}"]))
+    validate_vlm(cfg)
