@@ -63,6 +63,16 @@ class SamplerConfig:
     # > 0: each sample trains only this many of its trainable steps, drawn uniformly without replacement per sample
     # and epoch (DanceGRPO's random timestep subset); the update then costs steps_per_sample / trainable steps
     steps_per_sample: int = 0
+    # MixGRPO (arXiv 2507.21802): > 0 = only a window of this many steps is stochastic and trained (ODE elsewhere);
+    # the window is the same for every group and slides by `mixgrpo_stride` steps every `mixgrpo_shift_interval`
+    # epochs, rolling back to step 0 past the last start (flowrl.flow.samplers.mixgrpo_train_steps)
+    mixgrpo_window: int = 0
+    mixgrpo_shift_interval: int = 25
+    mixgrpo_stride: int = 1
+    mixgrpo_roll_back: bool = True
+    # ≥ 0 (model.family=unet, kind=cps): DDIM-η as the rollout policy (DDPO: η = 1) — each step's CPS noise level
+    # is the one whose std equals DDIM's σ_t(η) (UNetAdapter.ddim_noise_levels); -1 = off (sampler.noise_level)
+    ddim_eta: float = -1.0
 
 
 @dataclass
@@ -299,6 +309,18 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> Derived:
                     "at least as many ODE steps as training (denoising reduction trains with fewer)")
     if not 0 < s.timestep_fraction <= 1:
         errs.append("sampler.timestep_fraction must be in (0, 1]")
+    if s.mixgrpo_window:
+        if s.sde_window:
+            errs.append("sampler.mixgrpo_window and sampler.sde_window are two window schedules: set one to 0")
+        if not 1 <= s.mixgrpo_window <= s.train_steps - 2 or s.mixgrpo_shift_interval < 1 or s.mixgrpo_stride < 0:
+            errs.append(f"sampler.mixgrpo_window={s.mixgrpo_window} must be in [1, train_steps - 2 = "
+                        f"{s.train_steps - 2}] with mixgrpo_shift_interval ≥ 1 and mixgrpo_stride ≥ 0")
+    if s.ddim_eta >= 0:
+        if cfg.model.family != "unet" or s.kind != "cps":
+            errs.append(f"sampler.ddim_eta={s.ddim_eta} is DDIM-η for UNet (DDPM-family) models: it needs "
+                        "model.family=unet and sampler.kind=cps (set sampler.ddim_eta=-1 otherwise)")
+        if s.ddim_eta > 1:
+            errs.append(f"sampler.ddim_eta={s.ddim_eta} must be ≤ 1 (1 = the DDPM posterior, DDPO's policy)")
     if s.sde_window:
         hi = s.window_start_max if s.window_start_max >= 0 else s.train_steps // 2
         if s.sde_window < 0 or s.window_start_min < 0 or hi <= s.window_start_min or hi - 1 + s.sde_window > s.train_steps - 1:

@@ -41,6 +41,7 @@ from flowrl.core.dpo import best_worst_pairs, diffusion_dpo_loss, dpo_noisy_pair
 from flowrl.core.multi_reward import gdpo_advantages
 from flowrl.evaluation import evaluate, group_diversity, markdown_table, save_grid, to_uint8
 from flowrl.flow.rollout import Trajectory, sample_trajectory, step_fn
+from flowrl.flow.samplers import mixgrpo_train_steps
 from flowrl.flow.sde import kl_gaussian_means
 from flowrl.rewards import check_reward_output, load_reward
 from flowrl.shapes.prompts import read_jsonl
@@ -170,8 +171,11 @@ def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
 
 
 def make_epoch(cfg: TrainConfig, train_md: list[dict], epoch: int, rank: int, world: int,
-               round_: int = 0) -> EpochBatch:
+               round_: int = 0, step_levels: torch.Tensor | None = None) -> EpochBatch:
     """Draw the epoch's prompt groups (identical on every rank) and return this rank's slice.
+
+    ``step_levels`` (``[train_steps]``) replaces the constant ``sampler.noise_level`` per step (DDIM-η levels of the
+    UNet family). With ``sampler.mixgrpo_window`` only MixGRPO's window of the epoch is stochastic and trainable.
 
     ``round_ > 0`` draws a further, independent set of ``groups_per_epoch`` groups for dynamic sampling; its group
     ids and sample ids continue after those of the earlier rounds (ids are unique within the epoch).
@@ -190,6 +194,15 @@ def make_epoch(cfg: TrainConfig, train_md: list[dict], epoch: int, rank: int, wo
     n_steps = s.train_steps
     base_mask = train_step_mask(n_steps, s.timestep_fraction)
     levels = torch.full((t.groups_per_epoch, n_steps), float(s.noise_level))
+    if step_levels is not None:
+        levels = step_levels.float()[None].expand(t.groups_per_epoch, n_steps).clone()
+    if s.mixgrpo_window:
+        win = torch.zeros(n_steps, dtype=torch.bool)
+        # full windows inside the trainable steps 0..N-2 (the last step, to σ = 0, is deterministic-ish and untrained)
+        win[mixgrpo_train_steps(epoch, n_steps, s.mixgrpo_window, s.mixgrpo_shift_interval,
+                                stride=s.mixgrpo_stride, roll_back=s.mixgrpo_roll_back,
+                                max_start=n_steps - 1 - s.mixgrpo_window, upstream_truncation=False)] = True
+        levels = levels * win
     if s.sde_window:
         hi = s.window_start_max if s.window_start_max >= 0 else n_steps // 2
         starts = rng.integers(s.window_start_min, hi, size=t.groups_per_epoch)
@@ -262,6 +275,9 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
         self.ema = EMA(self.params, t.ema_decay, t.ema_every) if t.ema else None
         self.sigmas = self.adapter.sigmas(cfg.sampler.train_steps)
+        # DDIM-η rollouts (UNet family): per-step CPS levels whose std equals DDIM's σ_t(η)
+        self.step_levels = (self.adapter.ddim_noise_levels(cfg.sampler.ddim_eta, cfg.sampler.train_steps)
+                            if cfg.sampler.ddim_eta >= 0 else None)
         self.step_fn = step_fn(cfg.sampler.kind, float(self.sigmas[1]), cfg.sampler.density)
         self.policy_loss = POLICY_LOSSES[cfg.algorithm.policy_loss]
         self.opt_steps = 0
@@ -357,7 +373,7 @@ class Trainer:
         comp_glob: dict[str, list[torch.Tensor]] = {}
         images, offset, informative_frac, diversity = None, 0, 0.0, 0.0
         for rnd in range(rounds):
-            eb = make_epoch(cfg, self.train_md, epoch, rank, world, rnd)
+            eb = make_epoch(cfg, self.train_md, epoch, rank, world, rnd, self.step_levels)
             try:
                 traj, cond, c, imgs = self.rollout(eb, epoch)
             except (KeyboardInterrupt, SystemExit):

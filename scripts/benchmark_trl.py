@@ -548,6 +548,48 @@ def cmd_train(args) -> None:
           f"{res['time']['total_s']['mean']:.2f} s/step → {out}", flush=True)
 
 
+def cmd_profile(args) -> None:
+    """Where a flowrl step's time goes: the pieces of one rollout + update at the benchmark's batch size (median of
+    ``--profile-reps``), to set against TRL's generation / update split."""
+    import torch
+
+    from flowrl.text.policy import VLMPolicy
+    from flowrl.text.trainer import load_vlm, render_images
+    from flowrl.text.vqa import read_jsonl
+
+    torch.set_num_threads(args.threads)
+    model, processor = load_vlm(args.model)
+    model.eval()
+    freeze_vision(model)
+    policy = VLMPolicy(model, processor, args.temperature, args.max_new_tokens)
+    recs = [r for r in read_jsonl(args.train_data)[: args.groups] for _ in range(args.group_size)]
+    times: dict[str, list[float]] = {}
+
+    def clock(name, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        times.setdefault(name, []).append(time.perf_counter() - t0)
+        return out
+
+    for rep in range(args.profile_reps):
+        ims = clock("render images", lambda: render_images(recs))
+        inputs = clock("processor (chat template + images)",
+                       lambda: policy.prompt_inputs(ims, [r["question"] for r in recs]))
+        comp = clock("generate", lambda: policy.generate(inputs, seed=rep))
+        with torch.no_grad():
+            clock("old log-probs (no-grad forward)", lambda: policy.token_log_probs(inputs, comp.ids, comp.mask))
+        lp = clock("forward with grad", lambda: policy.token_log_probs(inputs, comp.ids, comp.mask))
+        clock("backward", lambda: lp.sum().backward())
+        model.zero_grad(set_to_none=True)
+    res = {"batch": len(recs), "reps": args.profile_reps,
+           "median_s": {k: statistics.median(v) for k, v in times.items()},
+           "command": " ".join([Path(sys.executable).name] + sys.argv)}
+    out = Path(args.out) / "profile_flowrl.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(json.dumps(res["median_s"], indent=1), f"→ {out}")
+
+
 def cmd_base(args) -> None:
     import torch
 
@@ -685,7 +727,7 @@ def cmd_report(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["parity", "train", "base", "report"])
+    p.add_argument("command", choices=["parity", "train", "base", "profile", "report"])
     p.add_argument("--framework", choices=["flowrl", "trl"], default="flowrl")
     p.add_argument("--model", default="assets/shapes-qwen2vl")
     p.add_argument("--train-data", default="assets/vqa/vqa_train.jsonl")
@@ -701,6 +743,7 @@ def main() -> None:
     p.add_argument("--eval-records", type=int, default=200)
     p.add_argument("--parity-records", type=int, default=4, help="questions in the parity batch (× group size)")
     p.add_argument("--parity-temperatures", type=float, nargs="+", default=[1.0, 0.7])
+    p.add_argument("--profile-reps", type=int, default=5)
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--doc", default=str(ROOT / "docs" / "trl_comparison.md"))
     p.add_argument("--notes", default=None, help="a markdown file appended to the report")
@@ -708,7 +751,8 @@ def main() -> None:
     os.chdir(ROOT)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    {"parity": cmd_parity, "train": cmd_train, "base": cmd_base, "report": cmd_report}[args.command](args)
+    {"parity": cmd_parity, "train": cmd_train, "base": cmd_base, "profile": cmd_profile,
+     "report": cmd_report}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -71,3 +71,30 @@ def test_steps_per_sample_draws_a_random_subset_per_sample():
     # With an SDE window, the subset lies inside the window.
     eb = make_epoch(_cfg(sde_window=2, steps_per_sample=1), train, 0, 0, 1)
     assert (eb.train_mask.sum(1) == 1).all() and not (eb.train_mask & (eb.noise_levels == 0)).any()
+
+
+def test_mixgrpo_window_slides_with_the_epoch_and_rolls_back():
+    """sampler.mixgrpo_window: one window for all groups, stochastic and trained inside, ODE outside; it moves by the
+    stride every shift interval and returns to step 0 after the last full window inside steps 0..N-2."""
+    train, _ = split_metadata()
+    cfg = _cfg(noise_level=0.8, mixgrpo_window=3, mixgrpo_shift_interval=2, mixgrpo_stride=2)
+
+    def window(epoch):
+        eb = make_epoch(cfg, train, epoch, 0, 1)
+        on = (eb.noise_levels > 0)
+        assert (on == on[0]).all() and torch.equal(on, eb.train_mask)  # same window for every group; trained = SDE
+        assert (eb.noise_levels[on] == 0.8).all()
+        return torch.nonzero(on[0]).flatten().tolist()
+
+    # 10 steps: starts 0, 2, 4, 6 (max start 10 - 1 - 3 = 6), each for 2 epochs, then back to 0
+    assert [window(e) for e in (0, 1, 2, 4, 6, 7, 8)] == [[0, 1, 2], [0, 1, 2], [2, 3, 4], [4, 5, 6], [6, 7, 8],
+                                                        [6, 7, 8], [0, 1, 2]]
+
+
+def test_step_levels_replace_the_constant_noise_level():
+    train, _ = split_metadata()
+    cfg = _cfg(noise_level=0.8)
+    levels = torch.linspace(0.9, 0.0, 10)
+    eb = make_epoch(cfg, train, 0, 0, 1, step_levels=levels)
+    assert torch.allclose(eb.noise_levels, levels.expand_as(eb.noise_levels))
+    assert not eb.train_mask[:, -1].any()  # level 0 and the last step: never trained

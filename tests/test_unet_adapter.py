@@ -299,3 +299,29 @@ def test_loading_errors_and_shapes(ad, tmp_path):
     img = ad.decode(torch.randn(2, 4, 16, 16))
     assert img.shape == (2, 3, 64, 64) and img.min() >= 0 and img.max() <= 1
     assert ad.encode_images(img).shape == (2, 4, 16, 16)
+
+
+def test_trainer_runs_ddpo_style_ddim_eta_rollouts(tiny_unet_path, tmp_path):
+    """model.family=unet + sampler.ddim_eta=1 (DDPO's policy): the trainer's per-step levels are the adapter's DDIM-η
+    levels, one Flow-GRPO epoch runs on-policy (first ratio exactly 1) and the config is refused for other families."""
+    import pytest
+
+    from flowrl.config import ConfigError, ModelConfig, TrainConfig, validate
+    from flowrl.trainer import Trainer
+
+    cfg = TrainConfig(model=ModelConfig(pretrained=tiny_unet_path, family="unet", resolution=64,
+                                        lora_targets=["to_q", "to_k", "to_v", "to_out.0"], lora_rank=4, lora_alpha=4))
+    s, t = cfg.sampler, cfg.trainer
+    s.kind, s.ddim_eta, s.train_steps, s.eval_steps, s.timestep_fraction = "cps", 1.0, 4, 4, 0.75
+    t.group_size, t.groups_per_epoch, t.micro_batch, t.epochs, t.optimizer_steps_per_epoch = 2, 2, 4, 1, 1
+    t.output_dir, t.eval_base, t.threads = str(tmp_path / "run"), False, 1
+    validate(cfg)
+    tr = Trainer(cfg)
+    assert torch.allclose(tr.step_levels, tr.adapter.ddim_noise_levels(1.0, 4))
+    batch = tr.collect(0)
+    assert torch.allclose(batch["traj"].noise_levels[0], tr.step_levels)
+    stats = tr.update(batch["traj"], batch["cond"], batch["adv"])
+    assert stats["first_ratio_max_dev"] == 0.0
+    cfg.model.family = "sd3"
+    with pytest.raises(ConfigError, match="ddim_eta"):
+        validate(cfg)
