@@ -1,7 +1,7 @@
 """Verified matrix (issue 4 §6): every valid (update rule × sampler) pair trained on one benchmark with one budget.
 
     python scripts/verified_matrix.py --dry-run                      # list the pairs and the refused combinations
-    python scripts/verified_matrix.py                                # the full matrix, embedded model (~30-40 min)
+    python scripts/verified_matrix.py                                # the full matrix, embedded model (~35-45 min on 2 cores)
     python scripts/verified_matrix.py --pairs flow_grpo:cps,nft:ode  # a subset (fnmatch patterns: 'flow_grpo*:sde')
     python scripts/verified_matrix.py --model path/to/sd3 --override model.resolution=512 --epochs 20
 
@@ -87,6 +87,8 @@ def update_rules() -> list[Rule]:
     rules.append(Rule("nft", ("algorithm=nft",), only_samplers=("ode",),
                       only_reason="matrix: algorithm=nft is run on ODE rollouts only (sampler=ode, as "
                                   "configs/algorithm/nft.yaml says); flowrl.config.validate itself accepts it"))
+    rules.append(Rule("raft", ("algorithm=raft",), only_samplers=("ode",),
+                      only_reason="matrix: algorithm=raft (forward-process, likelihood-free) is run on ODE rollouts only"))
     rules.append(Rule("flow_dpo", ("algorithm=flow_dpo", "algorithm.dpo_pairs=online")))
     return rules
 

@@ -43,13 +43,13 @@ def test_dry_run_lists_pairs_and_refusals(tmp_path):
     plan = json.loads((tmp_path / "m" / "plan.json").read_text())
     rows = {(r["rule"], r["sampler"]): r for r in plan["rows"]}
     rules = ["flow_grpo", "flow_grpo_dual_clip", "flow_grpo_reinforce", "flow_grpo_grpo_guard", "flow_grpo_gspo",
-             "flow_grpo_gmpo", "flow_grpo_global_std", "nft", "flow_dpo"]
-    assert sorted({r for r, _ in rows}) == sorted(rules) and len(rows) == 9 * 5
+             "flow_grpo_gmpo", "flow_grpo_global_std", "nft", "raft", "flow_dpo"]
+    assert sorted({r for r, _ in rows}) == sorted(rules) and len(rows) == 10 * 5
     planned = {k for k, r in rows.items() if r["status"] == "planned"}
-    assert len(planned) == 34 and plan["counts"] == {"ok": 0, "failed": 0, "refused": 11, "planned": 34}
+    assert len(planned) == 35 and plan["counts"] == {"ok": 0, "failed": 0, "refused": 15, "planned": 35}
     # nft runs on ODE rollouts only (a matrix rule: validate accepts nft with an SDE sampler)
     assert rows["nft", "cps"]["status"] == "refused" and rows["nft", "cps"]["refused_by"] == "matrix"
-    assert ("nft", "ode") in planned and ("flow_dpo", "ode") in planned and ("flow_dpo", "cps") in planned
+    assert ("nft", "ode") in planned and ("raft", "ode") in planned and ("flow_dpo", "ode") in planned and ("flow_dpo", "cps") in planned
     # a likelihood-ratio update on ODE rollouts is refused by flowrl.config.validate (its first reason recorded)
     for rule in rules[:7]:
         r = rows[rule, "ode"]
@@ -60,7 +60,7 @@ def test_dry_run_lists_pairs_and_refusals(tmp_path):
     assert "algorithm.policy_loss=gmpo" in rows["flow_grpo_gmpo", "cps"]["overrides"]
     assert "| nft | cps | refused: matrix: algorithm=nft is run on ODE rollouts only" in p.stdout
     assert "| flow_grpo | ode | refused: sampler.noise_level must be > 0" in p.stdout
-    assert "34 pairs to run, 11 refused" in p.stdout
+    assert "35 pairs to run, 15 refused" in p.stdout
 
     mod = _module()  # --pairs filters (patterns), and budget-dependent refusals
     assert mod.main(["--dry-run", "--out", str(tmp_path / "f"), "--pairs", "flow_grpo:cps,nft:*", *SMALL]) == 0
