@@ -165,7 +165,7 @@ class TrainerConfig:
     ema: bool = True
     ema_decay: float = 0.9
     ema_every: int = 8
-    mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
+    mixed_precision: str = "no"  # no | fp16 | bf16: transformer forwards under torch.autocast; steps/losses fp32
     eval_every: int = 0  # epochs; 0 = only the final evaluation
     eval_images_per_prompt: int = 4
     eval_max_prompts: int = 0  # 0 = all held-out prompts
@@ -367,6 +367,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> Derived:
                     "(SD1.x/2.x ε/v-prediction UNets, DDPO)")
     if cfg.model.family == "flux" and not cfg.model.load_t5:
         errs.append("model.family=flux needs its T5 encoder: set model.load_t5=true")
+    if t.mixed_precision not in ("no", "fp16", "bf16"):
+        errs.append(f"trainer.mixed_precision={t.mixed_precision!r}: choose no, fp16 or bf16")
     if cfg.model.dtype not in ("float32", "float16", "bfloat16"):
         errs.append("model.dtype must be float32, float16 or bfloat16")
     if errs:

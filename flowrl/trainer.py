@@ -106,6 +106,21 @@ def train_step_mask(num_steps: int, timestep_fraction: float) -> torch.Tensor:
     return torch.arange(num_steps) < k
 
 
+def autocast_velocity(velocity, device_type: str, dtype: torch.dtype):
+    """Wrap an adapter's ``velocity(x, σ, cond, g)`` so that its transformer runs under ``torch.autocast(device_type,
+    dtype)`` (``trainer.mixed_precision``: matmuls in bf16/fp16, trainable LoRA weights and optimizer state stay
+    fp32) and its output is float32, so the sampler steps, log-probs, ratios and losses are computed in fp32."""
+    import functools
+
+    @functools.wraps(velocity)
+    def wrapped(*args, **kwargs):
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            out = velocity(*args, **kwargs)
+        return out.float()
+
+    return wrapped
+
+
 GROUP_SEED_OFFSET = 1 << 40  # seeds of per-group initial noise live far from per-sample seeds
 NFT_SEED_OFFSET = 1 << 41  # seeds of DiffusionNFT's forward-process draws
 DPO_SEED_OFFSET = 1 << 42  # seeds of Flow-DPO's forward-process draws (one generator per pair)
@@ -243,7 +258,9 @@ class Trainer:
 
         self.cfg = cfg
         t = cfg.trainer
-        self.acc = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
+        # Mixed precision is applied by the trainer itself (autocast around every transformer forward, see
+        # autocast_velocity), since it never hands the model to accelerator.prepare.
+        self.acc = Accelerator(cpu=not torch.cuda.is_available())
         # `accelerate launch` exports OMP_NUM_THREADS=1; on CPU give each local rank its share of the cores instead.
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -274,6 +291,9 @@ class Trainer:
             self.adapter.transformer.enable_gradient_checkpointing()
         self.opt = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
         self.ema = EMA(self.params, t.ema_decay, t.ema_every) if t.ema else None
+        if t.mixed_precision in ("fp16", "bf16"):  # every transformer forward (rollout, update, evaluation) autocasts
+            self.adapter.velocity = autocast_velocity(self.adapter.velocity, self.acc.device.type,
+                                                      torch.bfloat16 if t.mixed_precision == "bf16" else torch.float16)
         self.sigmas = self.adapter.sigmas(cfg.sampler.train_steps)
         # DDIM-η rollouts (UNet family): per-step CPS levels whose std equals DDIM's σ_t(η)
         self.step_levels = (self.adapter.ddim_noise_levels(cfg.sampler.ddim_eta, cfg.sampler.train_steps)

@@ -3,9 +3,12 @@
     python scripts/benchmark_trl.py parity                                   # (a) loss on identical inputs
     python scripts/benchmark_trl.py train --framework flowrl --steps 30 --seed 0   # (b)+(c) one training run
     python scripts/benchmark_trl.py train --framework trl --steps 30 --seed 0
-    python scripts/benchmark_trl.py report                                   # JSON + docs/trl_comparison.md
+    python scripts/benchmark_trl.py base                                     # held-out accuracy of the start model
+    python scripts/benchmark_trl.py profile                                  # where a flowrl step's time goes
+    python scripts/benchmark_trl.py report          # docs/trl_comparison.{md,json} from runs/trl_comparison/*.json
 
-Needs ``trl`` (optional extra ``trl``: ``pip install --no-deps trl`` plus ``datasets``; see docs/trl_comparison.md).
+Needs ``trl`` and ``datasets``, which are not flowrl dependencies (``pip install datasets`` then
+``pip install --no-deps trl==1.16.0``; see docs/trl_comparison.md). Run with ``OMP_NUM_THREADS=1``.
 
 (a) **Loss on identical inputs.** One batch (chat prompts + images, ``G`` completions per question sampled by
 :class:`~flowrl.text.policy.VLMPolicy`, completion masks, perturbed old log-probs so that the clip is active,
@@ -115,8 +118,9 @@ Qwen2-VL processor). TRL is not a flowrl dependency; as an optional extra in `py
 `trl = ["trl==1.16.0", "datasets>=4.7"]` (pinned: the parity test calls TRL's private `_compute_loss`,
 `_get_per_token_logps_and_entropies` and `_tokenize_prompts`).
 
-The wall-clock numbers were measured on a 2-core machine shared with two other long training jobs (each process here
-used one thread); flowrl and TRL ran one after the other, alternating per seed, under the same load.
+The wall-clock numbers were measured on a 2-core machine shared with other training jobs whose number varied during
+the measurement (each process here used one thread); flowrl and TRL ran one after the other, alternating per seed, so
+compare the per-seed medians with that noise in mind (a few tenths of a second per step).
 """
 
 def versions() -> dict:
@@ -224,7 +228,8 @@ def loss_parity(model_path: str | Path, records: list[dict], *, group_size: int 
     Returns:
         ``{"settings", "prompt_tokens_identical", "pixel_values_identical", "log_probs", "rows", "unmatched"}``; each
         row has ``trl_loss``, ``flowrl_loss``, ``abs_diff``, ``rel_diff``, ``grad_rel_diff``, ``accumulated`` (two
-        micro-batches) and ``shipped`` (flowrl with vision tokens suppressed, on the same old log-probs).
+        micro-batches) and ``shipped`` (flowrl with the vision tokens suppressed, scoring its own old / reference
+        log-probs with the same perturbations).
     """
     import tempfile
 
@@ -432,6 +437,7 @@ def train_flowrl(args) -> dict:
     t.seed, t.epochs, t.group_size, t.groups_per_epoch = args.seed, args.steps, args.group_size, args.groups
     t.micro_batch, t.lr, t.betas, t.grad_clip = args.group_size * args.groups, args.lr, [0.9, 0.999], 1.0
     t.eval_base, t.threads = False, args.threads
+    cfg.model.freeze_vision = not args.train_vision
     t.output_dir = str(Path(args.out) / f"flowrl_seed{args.seed}")
     trainer = VLMTrainer(cfg)
     steps = []
@@ -465,7 +471,8 @@ def train_trl(args) -> dict:
     records = read_jsonl(args.train_data)
     check_records(records, args.train_data)
     model, processor = load_vlm(args.model)
-    freeze_vision(model)
+    if not args.train_vision:
+        freeze_vision(model)
     banned = VLMPolicy(model, processor).banned
     timing: dict[str, list[float]] = {"generation_s": [], "total_s": []}
 
@@ -537,7 +544,8 @@ def cmd_train(args) -> None:
     steps = run["steps"]
     res = {"framework": args.framework, "seed": args.seed, "steps": steps,
            "settings": {k: getattr(args, k) for k in ("model", "steps", "group_size", "groups", "max_new_tokens",
-                                                      "temperature", "lr", "threads", "eval_records")},
+                                                      "temperature", "lr", "threads", "eval_records",
+                                                      "train_vision")},
            "time": {k: _summary([s[k] for s in steps]) for k in ("total_s", "generation_s", "update_s")},
            "time_after_first": {k: _summary([s[k] for s in steps[1:]]) for k in ("total_s", "generation_s",
                                                                                    "update_s")},
@@ -716,7 +724,8 @@ def cmd_report(args) -> None:
         lines += ["## (b) Wall-clock per step and (c) accuracy after the same number of steps", "",
                   f"Settings: {s0['steps']} optimizer steps, {s0['groups']} questions × {s0['group_size']} completions "
                   f"per step, max {s0['max_new_tokens']} new tokens, temperature {s0['temperature']}, lr {s0['lr']:g} "
-                  f"(constant, AdamW β=(0.9, 0.999), no weight decay, grad-norm clip 1.0), vision tower frozen, reward "
+                  f"(constant, AdamW β=(0.9, 0.999), no weight decay, grad-norm clip 1.0), vision tower "
+                  f"{'trained' if s0.get('train_vision') else 'frozen'}, reward "
                   f"`vqa_accuracy`, GRPO loss (PPO clip 0.2, per-sequence token mean, β=0), {s0['threads']} thread. "
                   f"Held-out accuracy: greedy, first {s0['eval_records']} records of the test split.", ""]
         if base:
@@ -779,6 +788,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-records", type=int, default=200)
+    p.add_argument("--train-vision", action="store_true",
+                   help="train the ViT too (default: frozen in both frameworks, flowrl's model.freeze_vision=true)")
     p.add_argument("--parity-records", type=int, default=4, help="questions in the parity batch (× group size)")
     p.add_argument("--parity-temperatures", type=float, nargs="+", default=[1.0, 0.7])
     p.add_argument("--profile-reps", type=int, default=5)

@@ -208,6 +208,31 @@ def test_full_disk_when_saving_keeps_the_last_checkpoint(tiny_sd3_path, tmp_path
     assert torch.load(good / "trainer_state.pt", weights_only=False)["epoch"] == 0
 
 
+def test_mixed_precision_autocasts_the_transformer_and_keeps_steps_fp32(tiny_sd3_path, tmp_path):
+    """trainer.mixed_precision=bf16: the transformer runs under autocast (its output differs from fp32 by bf16
+    rounding), velocities reach the sampler as float32, and the on-policy first ratio is still exactly 1."""
+    from flowrl.trainer import Trainer, make_epoch
+
+    cfg = _small_cfg(tiny_sd3_path, tmp_path / "a", eval_base=False)
+    full = Trainer(cfg)
+    cfg16 = _small_cfg(tiny_sd3_path, tmp_path / "b", eval_base=False, mixed_precision="bf16")
+    half = Trainer(cfg16)
+    eb = make_epoch(cfg, full.train_md, 0, 0, 1)
+    cond = full.adapter.encode(eb.prompts[:4])
+    x = torch.randn(4, *full.adapter.latent_shape(64, 64), generator=torch.Generator().manual_seed(0))
+    s = torch.full((4,), 0.7)
+    v32 = full.adapter.velocity(x, s, cond, 4.5)
+    v16 = half.adapter.velocity(x, s, cond, 4.5)
+    assert v16.dtype == torch.float32
+    rel = (v16 - v32).norm() / v32.norm()
+    assert 1e-5 < rel < 5e-2
+    batch = half.collect(0)
+    assert half.update(batch["traj"], batch["cond"], batch["adv"])["first_ratio_max_dev"] == 0.0
+    cfg16.trainer.mixed_precision = "fp8"
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        validate(cfg16)
+
+
 def _script(*overrides, timeout=240):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "train_flowgrpo.py"), *overrides],
