@@ -152,11 +152,32 @@ def test_update_equals_core_loss_gradient(tiny_vlm, vqa_files, tmp_path):
     for p in tr.params:
         p.grad = None
     inputs, ids, mask, old, ref, adv = tr._batch(samples)
+    assert old is None  # on-policy: the rollout skipped the old-log-prob forward
     lp = tr.policy.token_log_probs(inputs, ids, mask)
-    out = POLICY_LOSSES["ppo_clip"](lp, old, adv, mask, 0.2, None)
+    out = POLICY_LOSSES["ppo_clip"](lp, lp.detach(), adv, mask, 0.2, None)
     aggregate_loss(out.loss, mask, "step_mean").backward()
     for g, p in zip(captured["g"], tr.params):
         assert torch.allclose(g, p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_off_policy_updates_store_old_log_probs(tiny_vlm, vqa_files, tmp_path):
+    """Two optimizer steps per epoch: the rollout stores old log-probs; the first step's ratio is exactly 1 and the
+    second step's is not (the policy moved)."""
+    tr = _trainer(tiny_vlm, vqa_files, tmp_path, trainer__optimizer_steps_per_epoch=2, trainer__lr=1e-2)
+    batch = tr.collect(0)
+    assert all(s["old"] is not None for s in batch["samples"])
+    ratios = []
+    orig = tr.loss_fn
+
+    def spy(lp, old, adv, mask, *a, **k):
+        ratios.append(float((lp.detach() - old)[mask].abs().max()))
+        return orig(lp, old, adv, mask, *a, **k)
+
+    tr.loss_fn = spy
+    for s in batch["samples"]:
+        s["adv"] = 1.0 if len(s["ids"]) % 2 else -1.0
+    tr.update(batch["samples"])
+    assert ratios[0] == 0.0 and ratios[-1] > 0.0
 
 
 def test_training_smoke_via_entry_point(tiny_vlm, vqa_files, tmp_path):

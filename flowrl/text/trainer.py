@@ -163,6 +163,7 @@ class VLMTrainer:
         self.opt = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
         self.reward_fn = load_reward(cfg.reward.name, **dict(cfg.reward.args))
         self.loss_fn = POLICY_LOSSES[cfg.algorithm.policy_loss]
+        self.on_policy = cfg.algorithm.inner_epochs == 1 and t.optimizer_steps_per_epoch == 1
         self.out = Path(t.output_dir)
         self.history: list[dict] = []
         self.writer = None
@@ -206,7 +207,9 @@ class VLMTrainer:
             comp = self.policy.generate(inputs, _seed(self.cfg.trainer.seed, epoch, round_,
                                                       self.acc.process_index, j))
             with torch.no_grad():
-                old = self.policy.token_log_probs(inputs, comp.ids, comp.mask)
+                # on-policy (one optimizer step, one inner epoch): the update's own log-probs, detached, are the old
+                # ones (ratio exactly 1), so the rollout skips that forward pass
+                old = None if self.on_policy else self.policy.token_log_probs(inputs, comp.ids, comp.mask)
                 ref = None
                 if kl:
                     if self.ref_model is not None:
@@ -219,7 +222,7 @@ class VLMTrainer:
             for k, r in enumerate(recs):
                 n_tok = int(comp.mask[k].sum())
                 samples.append({"record": r, "image": ims[k], "ids": comp.ids[k, :n_tok].clone(),
-                                "old": old[k, :n_tok].clone(), "ref": None if ref is None else ref[k, :n_tok].clone(),
+                                "old": None if old is None else old[k, :n_tok].clone(), "ref": None if ref is None else ref[k, :n_tok].clone(),
                                 "text": comp.text[k], "truncated": bool(comp.truncated[k])})
         return samples
 
@@ -292,11 +295,13 @@ class VLMTrainer:
         b = len(items)
         ids = torch.full((b, L), pad, dtype=torch.long)
         mask = torch.zeros(b, L, dtype=torch.bool)
-        old = torch.zeros(b, L)
+        old = torch.zeros(b, L) if items[0]["old"] is not None else None
         ref = torch.zeros(b, L) if items[0]["ref"] is not None else None
         for k, s in enumerate(items):
             n = len(s["ids"])
-            ids[k, :n], mask[k, :n], old[k, :n] = s["ids"], True, s["old"]
+            ids[k, :n], mask[k, :n] = s["ids"], True
+            if old is not None:
+                old[k, :n] = s["old"]
             if ref is not None:
                 ref[k, :n] = s["ref"]
         inputs = self.policy.prompt_inputs([s["image"] for s in items], [s["record"]["question"] for s in items])
@@ -331,6 +336,8 @@ class VLMTrainer:
                 for j in range(0, len(part_items), t.micro_batch):
                     inputs, ids, mask, old, ref, adv = self._batch(part_items[j : j + t.micro_batch])
                     lp = self.policy.token_log_probs(inputs, ids, mask)
+                    if old is None:  # on-policy: nothing has moved since the rollout
+                        old = lp.detach()
                     out = self.loss_fn(lp, old, adv, mask, a.clip_range, a.clip_range_high, **extra)
                     loss = aggregate_loss(out.loss, mask, a.loss_aggregation, norm)
                     if ref is not None and a.kl_beta > 0:
