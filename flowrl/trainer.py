@@ -106,6 +106,16 @@ def train_step_mask(num_steps: int, timestep_fraction: float) -> torch.Tensor:
     return torch.arange(num_steps) < k
 
 
+def open_run_dir(out: Path, config: dict):
+    """Create the run folder ``out``, write ``config.json`` (the resolved config) and return a TensorBoard
+    ``SummaryWriter`` on ``out/tensorboard`` (main process only; shared by the image and VLM trainers)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return SummaryWriter(str(out / "tensorboard"))
+
+
 def autocast_velocity(velocity, device_type: str, dtype: torch.dtype):
     """Wrap an adapter's ``velocity(x, σ, cond, g)`` so that its transformer runs under ``torch.autocast(device_type,
     dtype)`` (``trainer.mixed_precision``: matmuls in bf16/fp16, trainable LoRA weights and optimizer state stay
@@ -301,17 +311,13 @@ class Trainer:
         self.step_fn = step_fn(cfg.sampler.kind, float(self.sigmas[1]), cfg.sampler.density)
         self.policy_loss = POLICY_LOSSES[cfg.algorithm.policy_loss]
         self.opt_steps = 0
-        self.grad_norms: list[float] = []
-        self.epoch = 0  # the epoch being trained (names fault checkpoints)  # pre-clip gradient norms of the current epoch's optimizer steps
+        self.grad_norms: list[float] = []  # pre-clip gradient norms of the current epoch's optimizer steps
+        self.epoch = 0  # the epoch being trained (names fault checkpoints)
         self.tag_names = sorted({str(m.get("tag", "")) for m in self.train_md})
         self.history: list[dict] = []
         self.writer = None
         if self.acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.out / "tensorboard"))
-            (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+            self.writer = open_run_dir(self.out, asdict(cfg))
 
     def _load_adapter(self):
         """The model adapter of ``model.family``: :class:`~flowrl.models.sd3.SD3Adapter` (``sd3``) or

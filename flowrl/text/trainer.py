@@ -37,6 +37,7 @@ from flowrl.core import (KL_ESTIMATORS, POLICY_LOSSES, aggregate_loss, compute_a
                          informative_groups, select_groups)
 from flowrl.text.config import VLMTrainConfig, validate_vlm
 from flowrl.text.policy import VLMPolicy
+from flowrl.trainer import open_run_dir
 
 MODEL_CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 
@@ -168,11 +169,7 @@ class VLMTrainer:
         self.history: list[dict] = []
         self.writer = None
         if self.acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.out / "tensorboard"))
-            (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+            self.writer = open_run_dir(self.out, asdict(cfg))
 
     # -- data ----------------------------------------------------------------------------------------------------
     def epoch_records(self, epoch: int, round_: int = 0) -> tuple[list[dict], torch.Tensor]:
