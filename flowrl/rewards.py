@@ -28,6 +28,7 @@ BUILTIN_REWARDS = {
     "imagereward": "flowrl_rewards.image_reward:ImageRewardScore",
     "vlm_judge": "flowrl_rewards.vlm_judge:VLMJudgeReward",
     "geneval_real": "flowrl_rewards.geneval_real:GenEvalRealReward",
+    "ocr": "flowrl_rewards.ocr:OCRReward",
     # text rewards (VLM branch): completions in place of images
     "vqa_accuracy": "flowrl_rewards.vqa:VQAAccuracy",
     "vqa_format": "flowrl_rewards.vqa:VQAFormat",
