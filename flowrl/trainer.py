@@ -44,6 +44,7 @@ from flowrl.flow.rollout import Trajectory, sample_trajectory, step_fn
 from flowrl.flow.samplers import mixgrpo_train_steps
 from flowrl.flow.sde import kl_gaussian_means
 from flowrl.rewards import check_reward_output, load_reward
+from flowrl.runtime import open_run_dir, reduce_and_clip
 from flowrl.shapes.prompts import read_jsonl
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -104,16 +105,6 @@ def train_step_mask(num_steps: int, timestep_fraction: float) -> torch.Tensor:
     10 steps trains 9 and leaves out the last, tiny-std step)."""
     k = max(1, int(num_steps * timestep_fraction))
     return torch.arange(num_steps) < k
-
-
-def open_run_dir(out: Path, config: dict):
-    """Create the run folder ``out``, write ``config.json`` (the resolved config) and return a TensorBoard
-    ``SummaryWriter`` on ``out/tensorboard`` (main process only; shared by the image and VLM trainers)."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    return SummaryWriter(str(out / "tensorboard"))
 
 
 def autocast_velocity(velocity, device_type: str, dtype: torch.dtype):
@@ -869,21 +860,16 @@ class Trainer:
         return {f"reward/tag/{t}": float(tot[i] / tot[k + i]) for i, t in enumerate(self.tag_names) if tot[k + i] > 0}
 
     def _optimizer_step(self) -> None:
-        if self.acc.num_processes > 1:
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad = self.acc.reduce(p.grad, reduction="mean")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.trainer.grad_clip)
-        if not math.isfinite(float(norm)):  # NaN/inf loss: never apply the step; keep the last good weights
+        norm = reduce_and_clip(self.acc, self.params, self.cfg.trainer.grad_clip)
+        if not math.isfinite(norm):  # NaN/inf loss: never apply the step; keep the last good weights
             self.opt.zero_grad(set_to_none=True)
             path = self.save(f"nan_loss_epoch_{self.epoch:04d}", self.epoch - 1, self.history)
             raise RuntimeError(
-                f"non-finite gradient (norm {float(norm)}) at epoch {self.epoch}, optimizer step {self.opt_steps + 1}: "
+                f"non-finite gradient (norm {norm}) at epoch {self.epoch}, optimizer step {self.opt_steps + 1}: "
                 f"the loss is NaN/inf. The step was not applied and the weights before it were saved to {path}. "
                 "Lower trainer.lr, check the rewards and advantages (algorithm.advantage_eps, advantage_clip) or "
                 f"trainer.mixed_precision, then continue with trainer.resume={path}")
-        self.grad_norms.append(float(norm))  # pre-clip global norm, logged as train/grad_norm
+        self.grad_norms.append(norm)  # pre-clip global norm, logged as train/grad_norm
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.opt_steps += 1

@@ -180,6 +180,41 @@ def test_off_policy_updates_store_old_log_probs(tiny_vlm, vqa_files, tmp_path):
     assert ratios[0] == 0.0 and ratios[-1] > 0.0
 
 
+def test_kl_reference_is_a_frozen_copy_under_full_fine_tuning(tiny_vlm, vqa_files, tmp_path):
+    """kl_beta > 0 with full fine-tuning: the reference (a frozen copy) scores exactly like the policy before any
+    step (KL 0 on the first micro-batch), and stays put while the policy moves."""
+    tr = _trainer(tiny_vlm, vqa_files, tmp_path, algorithm__kl_beta=0.1, trainer__lr=1e-2)
+    batch = tr.collect(0)
+    inputs, ids, mask, old, ref, adv = tr._batch(batch["samples"])
+    with torch.no_grad():
+        lp = tr.policy.token_log_probs(inputs, ids, mask)
+        ref_now = tr.ref_policy.token_log_probs(inputs, ids, mask)
+    assert torch.equal(ref_now, lp)  # same weights, same batch: identical
+    assert torch.allclose(ref, lp, atol=1e-5)  # the rollout's (other micro-batches) up to float rounding
+    for s in batch["samples"]:
+        s["adv"] = 1.0 if len(s["ids"]) % 2 else -1.0
+    tr.update(batch["samples"])
+    with torch.no_grad():
+        assert torch.equal(tr.ref_policy.token_log_probs(inputs, ids, mask), ref_now)
+        assert not torch.allclose(tr.policy.token_log_probs(inputs, ids, mask), ref_now, atol=1e-4)
+
+
+def test_nan_loss_stops_without_applying_the_step(tiny_vlm, vqa_files, tmp_path):
+    import dataclasses
+
+    tr = _trainer(tiny_vlm, vqa_files, tmp_path)
+    before = [p.detach().clone() for p in tr.params]
+    orig = tr.loss_fn
+    tr.loss_fn = lambda *a, **k: dataclasses.replace(orig(*a, **k), loss=orig(*a, **k).loss * float("nan"))
+    batch = tr.collect(0)
+    for s in batch["samples"]:
+        s["adv"] = 1.0
+    with pytest.raises(RuntimeError, match="non-finite gradient") as e:
+        tr.update(batch["samples"])
+    assert "not applied" in str(e.value) and (tmp_path / "out" / "checkpoints" / "nan_loss_epoch_0000").is_dir()
+    assert all(torch.equal(a, b) for a, b in zip(before, tr.params))
+
+
 def test_training_smoke_via_entry_point(tiny_vlm, vqa_files, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "scripts" / "train_vlm_grpo.py"), f"model.pretrained={tiny_vlm}",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -37,7 +38,7 @@ from flowrl.core import (KL_ESTIMATORS, POLICY_LOSSES, aggregate_loss, compute_a
                          informative_groups, select_groups)
 from flowrl.text.config import VLMTrainConfig, validate_vlm
 from flowrl.text.policy import VLMPolicy
-from flowrl.trainer import open_run_dir
+from flowrl.runtime import open_run_dir, reduce_and_clip
 
 MODEL_CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 
@@ -161,6 +162,10 @@ class VLMTrainer:
         if not self.params:
             raise ValueError("no trainable parameters: check model.lora_targets / model.freeze_vision")
         self.policy = VLMPolicy(model, processor, m.temperature, m.max_new_tokens, m.system)
+        # full fine-tuning with KL: the frozen copy scores with the same template, temperature and banned tokens
+        self.ref_policy = (VLMPolicy(self.ref_model, processor, m.temperature, m.max_new_tokens, m.system)
+                           if self.ref_model is not None else None)
+        self.epoch = 0  # the epoch being trained (names fault checkpoints)
         self.opt = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
         self.reward_fn = load_reward(cfg.reward.name, **dict(cfg.reward.args))
         self.loss_fn = POLICY_LOSSES[cfg.algorithm.policy_loss]
@@ -209,10 +214,8 @@ class VLMTrainer:
                 old = None if self.on_policy else self.policy.token_log_probs(inputs, comp.ids, comp.mask)
                 ref = None
                 if kl:
-                    if self.ref_model is not None:
-                        ref = VLMPolicy(self.ref_model, self.policy.processor, self.policy.temperature,
-                                        self.policy.max_new_tokens, self.policy.system).token_log_probs(
-                            inputs, comp.ids, comp.mask)
+                    if self.ref_policy is not None:
+                        ref = self.ref_policy.token_log_probs(inputs, comp.ids, comp.mask)
                     else:
                         with self._reference():
                             ref = self.policy.token_log_probs(inputs, comp.ids, comp.mask)
@@ -353,12 +356,14 @@ class VLMTrainer:
         return {k: float(np.mean(v)) for k, v in stats.items() if v}
 
     def _optimizer_step(self) -> None:
-        if self.acc.num_processes > 1:
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad = self.acc.reduce(p.grad, reduction="mean")
-        self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.trainer.grad_clip))
+        norm = reduce_and_clip(self.acc, self.params, self.cfg.trainer.grad_clip)
+        if not math.isfinite(norm):  # NaN/inf loss: never apply the step; keep the last good weights
+            self.opt.zero_grad(set_to_none=True)
+            path = self.save(f"nan_loss_epoch_{self.epoch:04d}")
+            raise RuntimeError(f"non-finite gradient (norm {norm}) at epoch {self.epoch}: the loss is NaN/inf. The "
+                               f"step was not applied and the model before it was saved to {path}. Lower "
+                               "trainer.lr or check the rewards")
+        self.last_grad_norm = norm
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
@@ -392,6 +397,7 @@ class VLMTrainer:
             print(f"base held-out accuracy {results['base']['accuracy']:.3f}", flush=True)
         bar = tqdm(range(t.epochs), desc="vlm_grpo", disable=not self.acc.is_main_process)
         for epoch in bar:
+            self.epoch = epoch
             t0 = time.time()
             batch = self.collect(epoch)
             t1 = time.time()
