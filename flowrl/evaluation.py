@@ -90,6 +90,12 @@ def summarize(records: list[dict]) -> dict:
     return {k: float(np.mean([r[k] for r in records])) for k in keys}
 
 
+def run_summary(records: list[dict], images_per_prompt: int, steps: int, guidance_scale: float, seed: int) -> dict:
+    """:func:`summarize` of ``records`` plus the evaluation protocol (images per prompt, ODE steps, CFG, seed)."""
+    return {**summarize(records), "images_per_prompt": images_per_prompt, "steps": steps,
+            "guidance_scale": guidance_scale, "seed": seed}
+
+
 def _score(adapter, metadata: list[dict], reward_fn, *, images_per_prompt: int, steps: int, guidance_scale: float,
            resolution: int, seed: int, batch: int, out: Path | None, progress: bool, geneval_layout: bool,
            desc: str) -> tuple[list[dict], list[np.ndarray]]:
@@ -156,9 +162,7 @@ def evaluate(adapter, metadata: list[dict], reward_fn, *, images_per_prompt: int
     records, firsts = _score(adapter, metadata, reward_fn, images_per_prompt=images_per_prompt, steps=steps,
                              guidance_scale=guidance_scale, resolution=resolution, seed=seed, batch=batch, out=out,
                              progress=progress, geneval_layout=geneval_layout, desc=desc)
-    summary = summarize(records)
-    summary.update({"images_per_prompt": images_per_prompt, "steps": steps, "guidance_scale": guidance_scale,
-                    "seed": seed})
+    summary = run_summary(records, images_per_prompt, steps, guidance_scale, seed)
     if out is not None:
         _write(out, records, summary, markdown_table({"score": summary}), firsts)
     return summary
@@ -366,9 +370,7 @@ def evaluate_benchmark(adapter, metadata: list[dict], reward_fn, *, kind: str = 
     records, firsts = _score(adapter, metadata, reward_fn, images_per_prompt=images_per_prompt, steps=steps,
                              guidance_scale=guidance_scale, resolution=resolution, seed=seed, batch=batch, out=out,
                              progress=progress, geneval_layout=True, desc=desc)
-    summary = summarize(records)
-    summary.update({"images_per_prompt": images_per_prompt, "steps": steps, "guidance_scale": guidance_scale,
-                    "seed": seed})
+    summary = run_summary(records, images_per_prompt, steps, guidance_scale, seed)
     summary["benchmark"] = benchmark_summary(records, kind=kind, reward_columns=reward_columns, group_key=group_key)
     if out is not None:
         md = render_markdown(summary_sections({"score": summary["benchmark"]}), ["score"], base=None)
