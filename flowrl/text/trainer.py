@@ -343,7 +343,7 @@ class VLMTrainer:
                     if ref is not None and a.kl_beta > 0:
                         kl = KL_ESTIMATORS[a.kl_estimator](lp, ref)
                         loss = loss + a.kl_beta * aggregate_loss(kl, mask, a.loss_aggregation, norm)
-                        stats["kl"].append(float(kl[mask].mean()))
+                        stats["kl"].append(float(kl.detach()[mask].mean()))
                     (loss * world).backward()
                     with torch.no_grad():
                         stats["policy_loss"].append(float(out.loss[mask].mean()))
