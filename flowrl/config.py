@@ -118,6 +118,11 @@ class AlgorithmConfig:
     # common random numbers: every sample of a group uses the same forward-process draws (σ, ε), so the part of the
     # regression noise shared by the group cancels in the advantage-weighted sum (Σ_group (2r-1) = 0)
     nft_shared_draws: bool = False
+    # with nft_guidance_scale = g > 1: train the guided field through the conditional branch only,
+    # u = sg(v_u) + g·(v_c - sg(v_u)) (the unconditional branch gets no NFT gradient, whose weight would be 1 - g < 0),
+    # and hold the unconditional velocity at the reference (LoRA disabled) with nft_uncond_anchor·‖v_u - v_u_ref‖²
+    nft_detach_uncond: bool = False
+    nft_uncond_anchor: float = 0.0
     # Flow-DPO (name=dpo): "online" (best/worst of each rollout group) or a JSON-lines pairs file; β of the DPO loss
     dpo_pairs: str = "online"
     dpo_beta: float = 100.0
@@ -297,6 +302,11 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> Derived:
         if a.nft_guidance_scale < 1:
             errs.append(f"algorithm.nft_guidance_scale={a.nft_guidance_scale} must be ≥ 1 (1 = conditional velocity, "
                         "the paper's CFG-free NFT; set it to sampler.guidance_scale to train the guided policy)")
+        if (a.nft_detach_uncond or a.nft_uncond_anchor) and a.nft_guidance_scale <= 1:
+            errs.append("algorithm.nft_detach_uncond / nft_uncond_anchor act on the unconditional branch of the guided "
+                        "velocity: set algorithm.nft_guidance_scale > 1 (e.g. to sampler.guidance_scale) or drop them")
+        if a.nft_uncond_anchor < 0:
+            errs.append(f"algorithm.nft_uncond_anchor={a.nft_uncond_anchor} must be ≥ 0")
     if s.noise_level <= 0 and a.name not in ("nft", "raft", "dpo"):
         errs.append("sampler.noise_level must be > 0 for a likelihood-ratio update (0 is the ODE: no log-probability); "
                     "use it only for evaluation")

@@ -617,6 +617,8 @@ class Trainer:
         (one optimizer step per epoch) ``v_old`` is ``v_θ`` detached, so the gradient is
         ``β·(2r-1)·∇‖v_θ - v*‖²``: reward-weighted flow matching that pulls good samples and pushes bad ones.
         With several optimizer steps or inner epochs ``v_old`` is computed once, before the first step.
+        ``algorithm.nft_detach_uncond`` / ``nft_uncond_anchor`` train the guided field through its conditional branch
+        only and hold the unconditional branch at the reference (:meth:`_guided_velocity_split`).
 
         ``algorithm.name=raft`` (reward-ranked fine-tuning, RAFT, Dong et al. 2023, arXiv 2304.06767, on the same
         forward-process draws): plain flow matching ``‖v_θ - v*‖²`` on the samples whose advantage is > 0 (above their
@@ -677,7 +679,11 @@ class Trainer:
                         e = eps_all[ids, d]
                         x_t = (1 - s_.view(-1, 1, 1, 1)) * x0 + s_.view(-1, 1, 1, 1) * e
                         target = e - x0
-                        v = self.adapter.velocity(x_t, s_, c, a.nft_guidance_scale)
+                        anchor = None
+                        if a.nft_detach_uncond or a.nft_uncond_anchor > 0:
+                            v, anchor = self._guided_velocity_split(x_t, s_, c)
+                        else:
+                            v = self.adapter.velocity(x_t, s_, c, a.nft_guidance_scale)
                         v_old = v.detach() if v_old_all is None else v_old_all[ids, d]
                         v_pos = (1 - a.nft_beta) * v_old + a.nft_beta * v
                         v_neg = (1 + a.nft_beta) * v_old - a.nft_beta * v
@@ -687,7 +693,11 @@ class Trainer:
                         else:
                             err_neg = (v_neg - target).pow(2).flatten(1).mean(1)
                             per = r * err_pos + (1 - r) * err_neg
-                        (per.sum() * scale).backward()
+                        loss = per.sum() * scale
+                        if anchor is not None:
+                            loss = loss + a.nft_uncond_anchor * anchor.sum() * scale
+                            stats.setdefault("uncond_drift", []).append(anchor.mean().item())
+                        loss.backward()
                         with torch.no_grad():
                             stats["nft_loss"].append(per.mean().item())
                             stats["r"].append(r.mean().item())
@@ -696,6 +706,37 @@ class Trainer:
         res = self._mean_stats(stats)
         res["first_ratio_max_dev"] = 0.0
         return res
+
+    def _guided_velocity_split(self, x_t: torch.Tensor, sigma: torch.Tensor, cond) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The guided velocity trained through its conditional branch only, and the unconditional drift.
+
+        ``u = sg(v_u) + g·(v_c - sg(v_u))`` with ``g = algorithm.nft_guidance_scale``: the value of the CFG field the
+        policy samples with, but the gradient reaches the LoRA through ``v_c`` alone (weight ``g``), instead of the
+        ``1 - g < 0`` weight the joint parameterisation gives the unconditional branch. With
+        ``algorithm.nft_uncond_anchor > 0`` the unconditional forward keeps its graph and the second return value is
+        ``‖v_u - v_u^ref‖²`` per sample (mean over dimensions; reference = LoRA disabled), which the update adds with
+        that weight so the shared LoRA does not move the unconditional field that CFG extrapolates from.
+
+        Args:
+            x_t: ``[B, C, h, w]`` noised latents at ``sigma`` (``[B]``); cond: their prompt embeddings.
+
+        Returns:
+            ``(u [B, C, h, w], drift [B] or None)``.
+        """
+        a = self.cfg.algorithm
+        neg = self.adapter.negative(x_t.shape[0])
+        v_c = self.adapter.velocity(x_t, sigma, cond, 1.0)
+        drift = None
+        if a.nft_uncond_anchor > 0:
+            v_u = self.adapter.velocity(x_t, sigma, neg, 1.0)
+            with torch.no_grad(), self.adapter.reference():
+                v_ref = self.adapter.velocity(x_t, sigma, neg, 1.0)
+            drift = (v_u - v_ref).pow(2).flatten(1).mean(1)
+            v_u = v_u.detach()
+        else:
+            with torch.no_grad():
+                v_u = self.adapter.velocity(x_t, sigma, neg, 1.0)
+        return v_u + a.nft_guidance_scale * (v_c - v_u), drift
 
     # -- Flow-DPO ------------------------------------------------------------------------------------------------
     def dpo_online_pairs(self, batch: dict, epoch: int):
@@ -1025,7 +1066,7 @@ class Trainer:
                         "train/approx_kl": stats.get("approx_kl", 0.0),
                         "train/first_ratio_max_dev": stats.get("first_ratio_max_dev", 0.0),
                         **{f"train/{k}": v for k, v in stats.items()
-                           if k in ("nft_loss", "r", "v_old_err") or k.startswith("dpo_")}})
+                           if k in ("nft_loss", "r", "v_old_err", "uncond_drift") or k.startswith("dpo_")}})
             if batch is not None:
                 log.update({"train/informative_groups": batch["informative_frac"],
                             "train/groups": float(batch["groups"]), "train/rounds": float(batch["rounds"]),

@@ -582,3 +582,46 @@ def test_grpo_guard_reweights_each_step_by_std_over_step_size(tiny_sd3_path, tmp
     cfg.algorithm.inner_epochs = 2
     with pytest.raises(ConfigError, match="on-policy"):
         validate(cfg)
+
+
+def test_nft_guided_field_through_the_conditional_branch_only(tiny_sd3_path, tmp_path):
+    """nft_detach_uncond: the trained field has the CFG value v_u + g·(v_c - v_u), but its gradient is g times the
+    conditional branch's; nft_uncond_anchor adds ‖v_u - v_u^ref‖², 0 at the LoRA's zero init and > 0 once it moved."""
+    from flowrl.trainer import Trainer
+
+    cfg = _small_cfg(tiny_sd3_path, tmp_path / "run", eval_base=False)
+    cfg.algorithm.name, cfg.algorithm.kl_beta, cfg.algorithm.nft_guidance_scale = "nft", 0.0, 3.0
+    cfg.algorithm.nft_detach_uncond = True
+    cfg.sampler.noise_level = 0.0
+    validate(cfg)
+    tr = Trainer(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # move the LoRA off its zero init so every branch has a gradient and a drift
+        for p in tr.params:
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    cond = tr.adapter.encode(["a photo of a red circle", "a photo of two blue stars"])
+    res = cfg.model.resolution
+    x = torch.randn((2, *tr.adapter.latent_shape(res, res)), generator=g)
+    s = torch.tensor([0.3, 0.8])
+    w = torch.randn(x.shape, generator=g)
+    u, drift = tr._guided_velocity_split(x, s, cond)
+    assert drift is None
+    with torch.no_grad():
+        torch.testing.assert_close(u, tr.adapter.velocity(x, s, cond, 3.0), atol=1e-5, rtol=1e-5)
+    got = torch.autograd.grad((u * w).sum(), tr.params, allow_unused=True)
+    want = torch.autograd.grad((3.0 * tr.adapter.velocity(x, s, cond, 1.0) * w).sum(), tr.params, allow_unused=True)
+    assert sum(float(a.abs().sum()) for a in got if a is not None) > 0
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    cfg.algorithm.nft_uncond_anchor = 1.0
+    _, drift = tr._guided_velocity_split(x, s, cond)
+    with torch.no_grad():
+        neg = tr.adapter.negative(2)
+        v_u = tr.adapter.velocity(x, s, neg, 1.0)
+        with tr.adapter.reference():
+            v_ref = tr.adapter.velocity(x, s, neg, 1.0)
+    torch.testing.assert_close(drift.detach(), (v_u - v_ref).pow(2).flatten(1).mean(1))
+    assert float(drift.detach().min()) > 0 and drift.requires_grad
+    cfg.algorithm.nft_guidance_scale = 1.0
+    with pytest.raises(ConfigError, match="nft_guidance_scale > 1"):
+        validate(cfg)
