@@ -238,6 +238,11 @@ def test_bad_inputs_fail_at_start(tiny_vlm, vqa_files, tmp_path):
            f"data.train={bad}", f"data.test={vqa_files / 'test.jsonl'}", "trainer.threads=1"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2 and "empty answer" in r.stderr
+    recs[1]["answer"] = "2"
+    recs[1]["question"] = "how many " + "very " * 400 + "red circles are there?"
+    write_jsonl(recs, bad)  # refused at start-up, before any rollout, naming the file and the record
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and "exceeds the model's context" in r.stderr and "record 1" in r.stderr, r.stderr[-800:]
     r = subprocess.run(cmd[:2] + ["model.pretrained=assets/no_such_model", "trainer.threads=1"], capture_output=True,
                        text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2 and "scripts/pretrain_vlm.py" in r.stderr

@@ -109,6 +109,27 @@ def check_records(records: list[dict], path: str) -> None:
                              "non-empty reference answer for the accuracy reward")
 
 
+def check_prompt_lengths(policy: VLMPolicy, records: list[dict], path: str) -> None:
+    """Refuse, before any rollout, a data file whose longest prompt does not fit the context with the completion.
+
+    The chat template and the image tokens are the same for every record of a file (fixed-size scenes), so the
+    question with the most tokens gives the longest prompt; it is built exactly as a rollout builds it
+    (:meth:`VLMPolicy.prompt_inputs`), image included.
+
+    Raises:
+        ValueError: naming the file, the record and how many tokens are over.
+    """
+    if not records:
+        return
+    tok = policy.processor.tokenizer
+    lengths = [len(tok(str(r["question"]))["input_ids"]) for r in records]
+    i = int(np.argmax(lengths))
+    try:
+        policy.prompt_inputs(render_images([records[i]]), [records[i]["question"]])
+    except ValueError as e:
+        raise ValueError(f"{path}: record {i}: {e}") from None
+
+
 def _seed(*parts: int) -> int:
     s = 0
     for p in parts:
@@ -163,6 +184,8 @@ class VLMTrainer:
             raise ValueError("no trainable parameters: check model.lora_targets / model.freeze_vision")
         self.policy = VLMPolicy(model, processor, m.temperature, m.max_new_tokens, m.system)
         # full fine-tuning with KL: the frozen copy scores with the same template, temperature and banned tokens
+        check_prompt_lengths(self.policy, self.train_records, cfg.data.train)
+        check_prompt_lengths(self.policy, self.test_records, cfg.data.test)
         self.ref_policy = (VLMPolicy(self.ref_model, processor, m.temperature, m.max_new_tokens, m.system)
                            if self.ref_model is not None else None)
         self.epoch = 0  # the epoch being trained (names fault checkpoints)
