@@ -81,7 +81,8 @@ class AlgorithmConfig:
 
     ``name``: ``flow_grpo`` (likelihood ratio, per-step PPO), ``nft`` (DiffusionNFT on the forward process) or ``dpo``
     (Flow-DPO: Diffusion-DPO's preference loss on velocity errors, see :mod:`flowrl.core.dpo` and
-    :meth:`flowrl.trainer.Trainer.update_dpo`).
+    :meth:`flowrl.trainer.Trainer.update_dpo`) or ``draft`` (differentiable-reward fine-tuning, DRaFT-K / ReFL, see
+    :mod:`flowrl.draft`; needs a differentiable reward).
 
     Flow-DPO keys: ``dpo_pairs`` is ``"online"`` (each epoch's rollout groups are scored and the best and worst image
     of every group with reward spread form a pair) or the path of a JSON-lines pairs file
@@ -94,7 +95,7 @@ class AlgorithmConfig:
     (ε errors, full fine-tuning at a tiny learning rate) saturates the sigmoid there after one step.
     """
 
-    name: str = "flow_grpo"  # flow_grpo | nft | raft (reward-ranked flow-matching fine-tuning) | dpo
+    name: str = "flow_grpo"  # flow_grpo | nft | raft (reward-ranked flow-matching fine-tuning) | dpo | draft
     advantage: str = "grpo"  # see flowrl.core.ADVANTAGE_ESTIMATORS
     advantage_eps: float = 1e-4
     advantage_clip: float = 5.0
@@ -126,6 +127,20 @@ class AlgorithmConfig:
     # Flow-DPO (name=dpo): "online" (best/worst of each rollout group) or a JSON-lines pairs file; β of the DPO loss
     dpo_pairs: str = "online"
     dpo_beta: float = 100.0
+    # Differentiable-reward fine-tuning (name=draft, flowrl/draft.py): draft_mode "draft" = DRaFT-K (Clark et al.
+    # 2023, arXiv 2309.17400: back-propagate the reward through the last draft_k ODE steps and the VAE decoder),
+    # "refl" = ReFL (Xu et al. 2023, arXiv 2304.05977: stop at a random step t in [refl_step_range[0],
+    # refl_step_range[1]) of the sampler's train_steps and back-propagate through one prediction x̂0 = x_t - σ_t·v).
+    # Loss -draft_reward_scale·mean(reward) over the global batch; draft_lv_samples = n > 0 (DRaFT-LV, K=1 only)
+    # adds n re-noisings of the final step per sample. draft_eval_reward (a registered reward name, optional, with
+    # draft_eval_reward_args) is scored on the same images for logging only (e.g. geneval_shapes's `strict`).
+    draft_mode: str = "draft"
+    draft_k: int = 1
+    draft_lv_samples: int = 0
+    refl_step_range: list[int] = field(default_factory=lambda: [7, 10])
+    draft_reward_scale: float = 1.0
+    draft_eval_reward: str = ""
+    draft_eval_reward_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -247,6 +262,58 @@ class Derived:
     micro_batches_per_opt_step: int
 
 
+def _draft_errors(cfg: TrainConfig) -> list[str]:
+    """Refusals of ``algorithm.name=draft`` (DRaFT-K / ReFL, :mod:`flowrl.draft`): a reward without a
+    ``differentiable`` method, ``draft_k`` outside ``[1, sampler.train_steps]``, an unknown ``draft_mode``, a
+    ``refl_step_range`` outside ``[0, train_steps)``, DRaFT-LV with K ≠ 1 or ReFL, and the settings DRaFT has no use
+    for (KL, dynamic sampling, GDPO). The reward is checked from its class, without loading a model."""
+    from flowrl.rewards import DIFFERENTIABLE_REWARDS, reward_is_differentiable
+
+    s, a, r = cfg.sampler, cfg.algorithm, cfg.reward
+    errs = []
+    if not reward_is_differentiable(r.name, dict(r.args or {})):
+        what = ("not every component of reward=multi is" if r.name == "multi" else f"reward={r.name} is not")
+        errs.append(f"algorithm=draft needs a differentiable reward ({', '.join(DIFFERENTIABLE_REWARDS)}, or "
+                    "reward=multi of them), e.g. `reward=clip_score reward.args.model=openai/clip-vit-large-patch14`, "
+                    f"but {what} differentiable (no `differentiable(images, prompts, metadata)` method: DRaFT/ReFL "
+                    "back-propagate the reward into the model); a non-differentiable score can still be logged on the "
+                    f"same images with algorithm.draft_eval_reward={r.name if r.name != 'multi' else 'geneval_shapes'}")
+    if a.draft_mode not in ("draft", "refl"):
+        errs.append(f"algorithm.draft_mode={a.draft_mode!r}: choose 'draft' (DRaFT-K: gradient through the last "
+                    "algorithm.draft_k sampler steps) or 'refl' (ReFL: one x̂0 prediction at a random step of "
+                    "algorithm.refl_step_range)")
+    if not isinstance(a.draft_k, int) or not 1 <= a.draft_k <= s.train_steps:
+        errs.append(f"algorithm.draft_k={a.draft_k}: DRaFT-K back-propagates through the last K of the "
+                    f"sampler.train_steps={s.train_steps} steps; set 1 ≤ draft_k ≤ {s.train_steps} (1 = DRaFT-1)")
+    if a.draft_mode == "refl":
+        rng = list(a.refl_step_range or [])
+        if (len(rng) != 2 or not all(isinstance(v, int) for v in rng)
+                or not 0 <= rng[0] < rng[1] <= s.train_steps):
+            errs.append(f"algorithm.refl_step_range={rng}: ReFL stops at a step index t drawn from [lo, hi), which "
+                        f"must lie in [0, sampler.train_steps={s.train_steps}): set 0 ≤ lo < hi ≤ {s.train_steps}, "
+                        f"e.g. [{(3 * s.train_steps) // 4}, {s.train_steps}]")
+    if a.draft_lv_samples < 0:
+        errs.append(f"algorithm.draft_lv_samples={a.draft_lv_samples} must be ≥ 0 (0 = plain DRaFT)")
+    elif a.draft_lv_samples > 0 and (a.draft_mode != "draft" or a.draft_k != 1):
+        errs.append("algorithm.draft_lv_samples > 0 is DRaFT-LV, defined for draft_mode=draft with draft_k=1: set "
+                    "algorithm.draft_k=1 (and draft_mode=draft) or algorithm.draft_lv_samples=0")
+    if not (isinstance(a.draft_reward_scale, (int, float)) and math.isfinite(a.draft_reward_scale)
+            and a.draft_reward_scale > 0):
+        errs.append(f"algorithm.draft_reward_scale={a.draft_reward_scale} must be finite and > 0 (the loss is "
+                    "-scale·mean(reward))")
+    if a.kl_beta > 0:
+        errs.append("algorithm.name=draft has no likelihood and no KL term: set algorithm.kl_beta=0")
+    if a.dynamic_sampling:
+        errs.append("algorithm.name=draft has no groups or advantages: set algorithm.dynamic_sampling=false")
+    if a.inner_epochs != 1:
+        errs.append("algorithm.name=draft uses each sample once (its images are regenerated after every optimizer "
+                    "step): set algorithm.inner_epochs=1")
+    if r.aggregation == "gdpo":
+        errs.append("reward.aggregation=gdpo normalises group advantages, which algorithm=draft does not use: set "
+                    "reward.aggregation=weighted_sum (reward=multi is then differentiated as its weighted sum)")
+    return errs
+
+
 def validate(cfg: TrainConfig, world_size: int = 1) -> Derived:
     """Check the configuration and derive per-rank batch arithmetic.
 
@@ -259,7 +326,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> Derived:
     if t.group_size < 2 and a.name == "dpo" and not dpo_offline:
         errs.append(f"trainer.group_size={t.group_size}: online DPO (algorithm.dpo_pairs=online) pairs the best and "
                     "the worst image of each prompt group; set trainer.group_size ≥ 2")
-    elif t.group_size < 2 and not dpo_offline:
+    elif t.group_size < 2 and not dpo_offline and a.name != "draft":  # DRaFT/ReFL need no groups
         errs.append(f"trainer.group_size={t.group_size}: group-relative advantages need at least 2 images per prompt")
     n = t.group_size * t.groups_per_epoch
     if n % world_size:
@@ -275,8 +342,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> Derived:
                     f"{t.optimizer_steps_per_epoch} equal optimizer steps; use a divisor of {mb}")
     if s.kind not in ("sde", "cps", "dance"):
         errs.append(f"sampler.kind={s.kind!r}: choose 'sde', 'cps' or 'dance'")
-    if a.name not in ("flow_grpo", "nft", "raft", "dpo"):
-        errs.append(f"algorithm.name={a.name!r}: choose 'flow_grpo', 'nft', 'raft' or 'dpo'")
+    if a.name not in ("flow_grpo", "nft", "raft", "dpo", "draft"):
+        errs.append(f"algorithm.name={a.name!r}: choose 'flow_grpo', 'nft', 'raft', 'dpo' or 'draft'")
     if a.name == "dpo":
         if a.kl_beta > 0:
             errs.append("algorithm.name=dpo has no separate KL term (the DPO loss is itself KL-regularised, with "
@@ -307,7 +374,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> Derived:
                         "velocity: set algorithm.nft_guidance_scale > 1 (e.g. to sampler.guidance_scale) or drop them")
         if a.nft_uncond_anchor < 0:
             errs.append(f"algorithm.nft_uncond_anchor={a.nft_uncond_anchor} must be ≥ 0")
-    if s.noise_level <= 0 and a.name not in ("nft", "raft", "dpo"):
+    if a.name == "draft":
+        errs += _draft_errors(cfg)
+    if s.noise_level <= 0 and a.name not in ("nft", "raft", "dpo", "draft"):
         errs.append("sampler.noise_level must be > 0 for a likelihood-ratio update (0 is the ODE: no log-probability); "
                     "use it only for evaluation")
     if s.density not in ("gaussian", "squared_error") or (s.density == "squared_error" and s.kind != "cps"):

@@ -5,6 +5,13 @@ A reward is a callable ``reward(images, prompts, metadata) -> dict[str, np.ndarr
 ``"reward"`` (float ``[B]``) plus any named extra columns (also ``[B]``). Rewards are found by name: first the
 ``flowrl.rewards`` entry-point group (so a third-party package registers ``name = "module:Class"``), then the
 built-ins below. Loading imports only that reward's module.
+
+Differentiable rewards (for ``algorithm=draft``: DRaFT / ReFL, :mod:`flowrl.draft`) additionally implement
+``reward.differentiable(images, prompts, metadata) -> torch.Tensor``: ``images`` ``[B, 3, H, W]`` float in [0, 1]
+carrying their autograd graph, result ``[B]`` differentiable with respect to the images and on the scale of the
+``"reward"`` column of ``__call__`` (equal to it up to the uint8 rounding of the images). The reward model's own
+weights stay frozen. :func:`is_differentiable` tells whether an instance has it; :data:`DIFFERENTIABLE_REWARDS` lists
+the built-in ones.
 """
 
 from __future__ import annotations
@@ -40,6 +47,36 @@ class Reward(Protocol):
     name: str
 
     def __call__(self, images: np.ndarray, prompts: list[str], metadata: list[dict] | None) -> dict[str, np.ndarray]: ...
+
+
+# Built-in rewards with a `differentiable` method (a `multi` of them is differentiable too).
+DIFFERENTIABLE_REWARDS = ("clip_score", "pickscore", "aesthetic")
+
+
+def is_differentiable(reward) -> bool:
+    """Whether ``reward`` (an instance) implements ``differentiable(images, prompts, metadata)``; a
+    :class:`MultiReward` is differentiable when every component is."""
+    if isinstance(reward, MultiReward):
+        return all(is_differentiable(r) for r in reward.rewards.values())
+    return callable(getattr(reward, "differentiable", None))
+
+
+def reward_is_differentiable(name: str, args: dict | None = None) -> bool:
+    """Whether the reward registered as ``name`` (with constructor ``args``) is differentiable, decided from its
+    class without building it (no model is loaded): the class defines ``differentiable``; for ``multi``, every
+    component of ``args["components"]`` is differentiable. An unknown name or a module that cannot be imported
+    counts as not differentiable (loading it fails later with its own error)."""
+    if name == "multi":
+        comps = dict((args or {}).get("components") or {})
+        return bool(comps) and all(reward_is_differentiable(c, dict(spec.get("args", {}) or {})
+                                                            if hasattr(spec, "get") else {})
+                                   for c, spec in comps.items())
+    try:
+        module, _, attr = _target(name).partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+    except (KeyError, ImportError, AttributeError):
+        return False
+    return callable(getattr(cls, "differentiable", None))
 
 
 def _target(name: str) -> str:
@@ -139,3 +176,21 @@ class MultiReward:
                 out[k] = vs[0]
         out["reward"] = total.astype(np.float32)
         return out
+
+    def differentiable(self, images, prompts: list[str], metadata: list[dict] | None = None):
+        """``Σ_k w_k · r_k.differentiable(images, prompts, metadata)``: the ``reward`` column of ``__call__`` as a
+        differentiable function of ``images`` (``[B, 3, H, W]`` float in [0, 1]); returns ``[B]`` float32.
+
+        Raises:
+            TypeError: a component has no ``differentiable`` (named in the message).
+        """
+        total = None
+        for cname, fn in self.rewards.items():
+            if not is_differentiable(fn):
+                raise TypeError(f"reward component {cname!r} of 'multi' is not differentiable; differentiable "
+                                f"rewards: {', '.join(DIFFERENTIABLE_REWARDS)}")
+            r = self.weights[cname] * fn.differentiable(images, prompts, metadata).float()
+            total = r if total is None else total + r
+        if total is None:
+            raise TypeError("reward 'multi' has no components")
+        return total

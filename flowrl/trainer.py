@@ -306,6 +306,11 @@ class Trainer:
         self.epoch = 0  # the epoch being trained (names fault checkpoints)
         self.tag_names = sorted({str(m.get("tag", "")) for m in self.train_md})
         self.history: list[dict] = []
+        self.draft = None  # algorithm=draft: DRaFT-K / ReFL on a differentiable reward (flowrl/draft.py)
+        if cfg.algorithm.name == "draft":
+            from flowrl.draft import DraftUpdater
+
+            self.draft = DraftUpdater(self)
         self.writer = None
         if self.acc.is_main_process:
             self.writer = open_run_dir(self.out, asdict(cfg))
@@ -1045,10 +1050,13 @@ class Trainer:
         for epoch in bar:
             self.epoch = epoch
             t0 = time.time()
-            # offline DPO trains on a pairs file: no rollout and no reward during training
-            batch = None if self.dpo_pairs is not None else self.collect(epoch)
+            # offline DPO trains on a pairs file: no rollout and no reward during training; DRaFT samples in its update
+            batch = None if self.dpo_pairs is not None or self.draft is not None else self.collect(epoch)
             t1 = time.time()
-            if cfg.algorithm.name in ("nft", "raft"):
+            draft_images = None
+            if self.draft is not None:
+                stats, draft_images = self.draft.update(epoch)
+            elif cfg.algorithm.name in ("nft", "raft"):
                 stats = self.update_nft(batch["traj"], batch["cond"], batch["adv"], batch["sample_ids"], epoch)
             elif cfg.algorithm.name == "dpo":
                 x_w, x_l, prompts, keys, n_pairs = (self.dpo_offline_pairs(epoch) if batch is None
@@ -1061,6 +1069,8 @@ class Trainer:
             if batch is not None:
                 r_all = batch["rewards_all"]
                 log.update({"reward/mean": float(r_all.mean()), "reward/std": float(r_all.std())})
+            if self.draft is not None:  # already namespaced: reward/*, train/draft_loss, ...
+                log.update(stats)
             log.update({"train/kl": stats.get("kl", 0.0), "train/clipfrac": stats.get("clipfrac", 0.0),
                         "train/policy_loss": stats.get("policy_loss", 0.0), "train/ratio": stats.get("ratio", 1.0),
                         "train/approx_kl": stats.get("approx_kl", 0.0),
@@ -1073,7 +1083,7 @@ class Trainer:
                             "train/diversity": float(self._gather(torch.tensor([batch["diversity"]])).mean())})
             log.update({"time/rollout_s": t1 - t0, "time/update_s": t2 - t1})
             cols = batch["cols"] if batch is not None else {}
-            images = batch["images"] if batch is not None else None
+            images = batch["images"] if batch is not None else draft_images
             for k, v in cols.items():
                 if k != "reward":
                     log[f"reward/{k}"] = float(self._gather(torch.as_tensor(v)).mean())
@@ -1092,8 +1102,8 @@ class Trainer:
                                  "dpo": f"{log.get('train/dpo_loss', float('nan')):.4f}",
                                  "acc": f"{log.get('train/dpo_implicit_acc', float('nan')):.2f}"})
             else:
-                bar.set_postfix(reward=f"{log['reward/mean']:.3f}", kl=f"{log['train/kl']:.2e}",
-                                clip=f"{log['train/clipfrac']:.2f}")
+                bar.set_postfix(reward=f"{log.get('reward/mean', float('nan')):.3f}",
+                                kl=f"{log.get('train/kl', 0.0):.2e}", clip=f"{log.get('train/clipfrac', 0.0):.2f}")
             if (images is not None and self.acc.is_main_process and t.log_images_every
                     and epoch % t.log_images_every == 0):
                 p = save_grid(images[: min(len(images), 32)], self.out / "images" / f"epoch_{epoch:04d}.png")

@@ -7,6 +7,7 @@ in chunks. torch and transformers are imported when a reward is built, not when 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,80 @@ def check_batch(images: np.ndarray, prompts: list[str] | None, reward: str) -> N
                          f"{tuple(images.shape)}")
     if prompts is not None and len(prompts) != len(images):
         raise ValueError(f"reward {reward!r}: {len(images)} images but {len(prompts)} prompts")
+
+
+def _field(d, key):
+    """``d[key]`` of a processor size dict (a plain dict or transformers' ``SizeDict``), ``None`` when absent."""
+    if d is None:
+        return None
+    if isinstance(d, dict):
+        return d.get(key)
+    return getattr(d, key, None)
+
+
+def torch_preprocess(image_processor, images, torch):
+    """The ``CLIPImageProcessor`` pipeline in torch, differentiable with respect to ``images``.
+
+    Same steps and sizes as the processor's numpy/PIL path (``__call__`` of the CLIP rewards): resize so that the
+    shortest edge is ``size["shortest_edge"]`` (the long edge ``int(S·long/short)``, as transformers computes it), or
+    to ``size["height"] × size["width"]``, with ``torch.nn.functional.interpolate`` (bicubic or bilinear as the
+    processor's ``resample``, ``antialias=True``: the same filter family as PIL's resize), centre crop to
+    ``crop_size`` (top/left offsets ``(H - h) // 2``, zero padding if the image is smaller), rescale and normalise
+    with the processor's ``image_mean`` / ``image_std``. The numpy path additionally rounds to uint8 before and after
+    PIL's resize; the difference is measured in ``tests/test_draft.py`` (≈1e-3 on the cosine).
+
+    Args:
+        image_processor: a ``CLIPImageProcessor`` (any backend; only its settings are read).
+        images: ``[B, 3, H, W]`` float in [0, 1] (RGB), any device/dtype, may carry an autograd graph.
+        torch: the torch module.
+
+    Returns:
+        ``[B, 3, h, w]`` float32 pixel values, as the processor's ``pixel_values``.
+
+    Raises:
+        ValueError: images not ``[B, 3, H, W]``, or a processor setting this path does not implement (a resample
+            filter other than bicubic/bilinear, a size without ``shortest_edge`` or ``height``/``width``).
+    """
+    F = torch.nn.functional
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"differentiable reward expects images [B, 3, H, W] in [0, 1], got {tuple(images.shape)}")
+    x = images.float()
+    ip = image_processor
+    if getattr(ip, "do_resize", True):
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        size = ip.size
+        short_edge = _field(size, "shortest_edge")
+        if short_edge:
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = int(short_edge), int(int(short_edge) * long / short)
+            out_hw = (new_long, new_short) if w <= h else (new_short, new_long)
+        elif _field(size, "height") and _field(size, "width"):
+            out_hw = (int(_field(size, "height")), int(_field(size, "width")))
+        else:
+            raise ValueError(f"differentiable CLIP preprocessing: unsupported processor size {size!r}")
+        resample = int(getattr(ip, "resample", 3) if getattr(ip, "resample", None) is not None else 3)
+        modes = {3: "bicubic", 2: "bilinear"}  # PIL.Image.Resampling.BICUBIC / BILINEAR
+        if resample not in modes:
+            raise ValueError(f"differentiable CLIP preprocessing: resample filter {resample} is not implemented "
+                             "(bicubic or bilinear only)")
+        if out_hw != (h, w):
+            x = F.interpolate(x, size=out_hw, mode=modes[resample], align_corners=False, antialias=True)
+    if getattr(ip, "do_center_crop", True):
+        ch, cw = int(_field(ip.crop_size, "height")), int(_field(ip.crop_size, "width"))
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        if ch > h or cw > w:  # the processor pads with zeros (of the 0-255 image) around a small image
+            ph, pw = max(ch - h, 0), max(cw - w, 0)
+            x = F.pad(x, (math.ceil(pw / 2), pw - math.ceil(pw / 2), math.ceil(ph / 2), ph - math.ceil(ph / 2)))
+            h, w = int(x.shape[-2]), int(x.shape[-1])
+        top, left = (h - ch) // 2, (w - cw) // 2
+        x = x[..., top : top + ch, left : left + cw]
+    # images are uint8/255 in [0, 1]: the processor's 0-255 values times its rescale factor
+    x = x * (255.0 * float(ip.rescale_factor) if getattr(ip, "do_rescale", True) else 255.0)
+    if getattr(ip, "do_normalize", True):
+        mean = torch.tensor(list(ip.image_mean), dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(list(ip.image_std), dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        x = (x - mean) / std
+    return x
 
 
 def _projected(out, torch):
@@ -113,6 +188,20 @@ class ClipEmbedder:
             emb = _projected(out, torch).float()
         return emb / emb.norm(dim=-1, keepdim=True)
 
+    def image_embeds_differentiable(self, images):
+        """Unit-norm image embeddings, float32 ``[B, D]``, differentiable with respect to ``images``.
+
+        ``images``: ``[B, 3, H, W]`` float in [0, 1] (any device; moved to the model's). Preprocessed in torch by
+        :func:`torch_preprocess` (the processor's resize / centre crop / normalisation), so the result matches
+        :meth:`image_embeds` of the same images rounded to uint8 up to the rounding. The model's own parameters
+        stay frozen (``requires_grad=False``): gradients reach only the images.
+        """
+        torch = self.torch
+        pixels = torch_preprocess(self.image_processor, images.to(self.device), torch)
+        out = self.model.get_image_features(pixel_values=pixels.to(self.dtype))
+        emb = _projected(out, torch).float()
+        return emb / emb.norm(dim=-1, keepdim=True)
+
     def text_embeds(self, prompts: list[str]):
         """Unit-norm text embeddings, float32 ``[B, D]``; prompts longer than ``max_length`` tokens are truncated."""
         torch = self.torch
@@ -129,7 +218,8 @@ class ClipPairScore:
     """Base of CLIPScore and PickScore: ``reward_i = exp(logit_scale) · cos(image_i, prompt_i) / divisor``.
 
     Subclasses set ``name``, ``divisor``, ``default_model`` and ``default_processor``. Columns returned: ``reward``
-    and ``cosine`` (the raw cosine in ``[-1, 1]``), float32 ``[B]``.
+    and ``cosine`` (the raw cosine in ``[-1, 1]``), float32 ``[B]``. Differentiable (:meth:`differentiable`), so it
+    can drive ``algorithm=draft``.
     """
 
     name = "clip_pair"
@@ -157,3 +247,29 @@ class ClipPairScore:
         cosine = np.concatenate(cos).astype(np.float32) if cos else np.zeros(0, np.float32)
         reward = (self.embedder.logit_scale * cosine.astype(np.float64) / self.divisor).astype(np.float32)
         return {"reward": reward, "cosine": cosine}
+
+    def differentiable(self, images, prompts: list[str], metadata: list[dict] | None = None):
+        """The ``reward`` column as a differentiable function of the images (DRaFT / ReFL, :mod:`flowrl.draft`).
+
+        Args:
+            images: ``[B, 3, H, W]`` float in [0, 1] with their autograd graph (e.g. decoded by the VAE).
+            prompts: the B prompts; metadata is ignored.
+
+        Returns:
+            ``[B]`` float32 tensor on the images' device, ``exp(logit_scale)·cos(E_img, E_txt)/divisor`` — the same
+            scale as ``__call__``'s ``reward`` (equal up to uint8 rounding), differentiable w.r.t. ``images``.
+            Text embeddings are constants; the CLIP weights never receive gradients.
+
+        Raises:
+            ValueError: images not ``[B, 3, H, W]`` or a prompt count that differs from B.
+        """
+        torch = self.embedder.torch
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"reward {self.name!r}: {images.shape[0]} images but {len(prompts)} prompts")
+        parts = []
+        for i in range(0, images.shape[0], self.batch_size):
+            img = self.embedder.image_embeds_differentiable(images[i : i + self.batch_size])
+            txt = self.embedder.text_embeds(prompts[i : i + self.batch_size]).clone()  # out of inference mode
+            parts.append((img * txt).sum(-1))
+        cos = torch.cat(parts) if parts else torch.zeros(0, device=self.embedder.device)
+        return (self.embedder.logit_scale / self.divisor * cos).to(images.device)

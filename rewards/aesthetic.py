@@ -88,7 +88,7 @@ class AestheticReward:
 
     Call: ``images`` uint8 ``[B, H, W, 3]``; prompts and metadata are ignored. Returns ``reward`` float32 ``[B]``:
     the predicted rating, about 1–10 for the real head (4–6 for ordinary photos, unbounded in principle: the head is
-    affine).
+    affine). Differentiable (:meth:`differentiable`), so it can drive ``algorithm=draft``.
 
     Raises:
         ValueError: ``head`` not given, or its tensors do not match ``in_dim→1024→128→64→16→1``; bad
@@ -131,3 +131,22 @@ class AestheticReward:
             with torch.inference_mode():
                 out.append(self.head.layers(emb).squeeze(-1).cpu().numpy())
         return {"reward": np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)}
+
+    def differentiable(self, images, prompts: list[str] | None = None, metadata: list[dict] | None = None):
+        """The predicted rating as a differentiable function of the images (DRaFT / ReFL, :mod:`flowrl.draft`).
+
+        Args:
+            images: ``[B, 3, H, W]`` float in [0, 1] with their autograd graph; prompts and metadata are ignored.
+
+        Returns:
+            ``[B]`` float32 tensor on the images' device, on the scale of ``__call__``'s ``reward`` (equal up to the
+            uint8 rounding of the images). CLIP and head weights never receive gradients.
+
+        Raises:
+            ValueError: images not ``[B, 3, H, W]``.
+        """
+        torch = self.embedder.torch
+        parts = [self.head.layers(self.embedder.image_embeds_differentiable(images[i : i + self.batch_size])).squeeze(-1)
+                 for i in range(0, images.shape[0], self.batch_size)]
+        out = torch.cat(parts) if parts else torch.zeros(0, device=self.embedder.device)
+        return out.to(images.device)

@@ -192,6 +192,12 @@ class SD3Adapter:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``[B, C, h, w]`` latents → ``[B, 3, H, W]`` float32 images in [0, 1] (as the pipeline's postprocess)."""
+        return self.decode_with_grad(latents)
+
+    def decode_with_grad(self, latents: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` with autograd: ``[B, C, h, w]`` latents → ``[B, 3, H, W]`` float32 images in [0, 1] whose
+        gradients flow back to ``latents`` (the VAE's own weights are frozen). Used by differentiable-reward
+        fine-tuning (DRaFT / ReFL, :mod:`flowrl.draft`)."""
         vae = self.pipeline.vae
         z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         img = vae.decode(z, return_dict=False)[0]

@@ -539,6 +539,12 @@ class UNetAdapter:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``[B, C, h, w]`` latents at σ = 0 → ``[B, 3, H, W]`` float32 images in [0, 1] (as the pipeline:
         ``vae.decode(z / scaling_factor)``, then ``(img/2 + 0.5).clamp(0, 1)``)."""
+        return self.decode_with_grad(latents)
+
+    def decode_with_grad(self, latents: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` with autograd: ``[B, C, h, w]`` latents → ``[B, 3, H, W]`` float32 images in [0, 1] whose
+        gradients flow back to ``latents`` (the VAE's own weights are frozen). Used by differentiable-reward
+        fine-tuning (DRaFT / ReFL, :mod:`flowrl.draft`)."""
         vae = self.pipeline.vae
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         z = latents.to(vae.dtype) / vae.config.scaling_factor + shift
