@@ -21,6 +21,12 @@ class ModelConfig:
 
     ``pretrained`` is a local diffusers folder or a hub id; ``max_sequence_length`` is the number of T5 tokens
     (zeros when ``load_t5`` is false); ``resolution`` in pixels; LoRA rank/alpha/targets as in peft.
+
+    ``lora_rank=0`` is full fine-tuning (the same convention as the VLM trainer): the denoiser's own weights are
+    trained as float32 master weights (all of them, or those whose parameter name contains one of
+    ``full_finetune_modules``), the text encoders and the VAE stay frozen, and the reference policy (KL, DPO, the
+    NFT anchor) is a frozen copy of the initial denoiser, kept only when one of those needs it
+    (:func:`flowrl.models.sd3.unfreeze_full`). Checkpoints then hold the whole denoiser (``transformer/``).
     """
 
     family: str = "sd3"  # sd3 (SD3/SD3.5) | flux (FLUX.1) | unet (SD1.x/2.x, DDPO)
@@ -33,6 +39,8 @@ class ModelConfig:
     lora_alpha: float = 64.0
     lora_targets: list[str] = field(default_factory=lambda: [
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"])
+    # full fine-tuning (lora_rank=0) only: parameter-name substrings to unfreeze, e.g. [transformer_blocks]; [] = all
+    full_finetune_modules: list[str] = field(default_factory=list)
     gradient_checkpointing: bool = False
 
 
@@ -82,7 +90,8 @@ class AlgorithmConfig:
     ``name``: ``flow_grpo`` (likelihood ratio, per-step PPO), ``nft`` (DiffusionNFT on the forward process) or ``dpo``
     (Flow-DPO: Diffusion-DPO's preference loss on velocity errors, see :mod:`flowrl.core.dpo` and
     :meth:`flowrl.trainer.Trainer.update_dpo`) or ``draft`` (differentiable-reward fine-tuning, DRaFT-K / ReFL, see
-    :mod:`flowrl.draft`; needs a differentiable reward).
+    :mod:`flowrl.draft`; needs a differentiable reward) or ``rpo`` (subject-driven RPO: λ-Harmonic preferences
+    against reference images plus a reconstruction loss, early stopping; :mod:`flowrl.rpo`).
 
     Flow-DPO keys: ``dpo_pairs`` is ``"online"`` (each epoch's rollout groups are scored and the best and worst image
     of every group with reward spread form a pair) or the path of a JSON-lines pairs file
@@ -95,7 +104,7 @@ class AlgorithmConfig:
     (ε errors, full fine-tuning at a tiny learning rate) saturates the sigmoid there after one step.
     """
 
-    name: str = "flow_grpo"  # flow_grpo | nft | raft (reward-ranked flow-matching fine-tuning) | dpo | draft
+    name: str = "flow_grpo"  # flow_grpo | nft | raft (reward-ranked flow-matching fine-tuning) | dpo | draft | rpo
     advantage: str = "grpo"  # see flowrl.core.ADVANTAGE_ESTIMATORS
     advantage_eps: float = 1e-4
     advantage_clip: float = 5.0
@@ -141,6 +150,23 @@ class AlgorithmConfig:
     draft_reward_scale: float = 1.0
     draft_eval_reward: str = ""
     draft_eval_reward_args: dict[str, Any] = field(default_factory=dict)
+    # RPO (name=rpo, flowrl/rpo.py; Miao et al. 2024, arXiv 2407.12164): subject-driven fine-tuning. Generated images of
+    # the `train` prompts of rpo_prompts (with the subject token rpo_token) are paired with the reference images
+    # rpo_references (folder or glob); the reference wins with probability σ(R_ref - R_gen), R the λ-Harmonic reward
+    # 1/(λ/s_img + (1-λ)/s_txt) (λ = rpo_label_lambda, null = rpo_lambda); loss = Diffusion-DPO (β = dpo_beta) +
+    # rpo_recon_weight × flow matching on the references (conditioned on rpo_instance_prompt). Every rpo_eval_every
+    # epochs the mean λ-Harmonic score (λ = rpo_lambda) of rpo_val_images images per `val` prompt is validated;
+    # checkpoints/best keeps the best, and training stops after rpo_patience evaluations without improvement.
+    rpo_references: str = "assets/rpo_subject"
+    rpo_prompts: str = "assets/prompts/rpo_subject.jsonl"
+    rpo_token: str = "sks"
+    rpo_instance_prompt: str = "a photo of a sks star"
+    rpo_lambda: float = 0.3
+    rpo_label_lambda: float | None = None
+    rpo_recon_weight: float = 1.0
+    rpo_eval_every: int = 1
+    rpo_patience: int = 3
+    rpo_val_images: int = 2
 
 
 @dataclass
@@ -196,6 +222,9 @@ class TrainerConfig:
     output_dir: str = "runs/flowgrpo"
     resume: str = ""  # "" (fresh run) | "auto" (latest complete checkpoint in output_dir) | a checkpoint folder
     threads: int = 0  # torch CPU threads; 0 = all cores shared among the local ranks (CPU only)
+    # shard the denoiser with FSDP2 (full fine-tuning, model.lora_rank=0, ≥ 2 processes; flowrl/fsdp.py); also on
+    # when `accelerate launch` brings an FSDP config (configs/accelerate/fsdp_*.yaml)
+    fsdp: bool = False
 
 
 @dataclass
@@ -314,6 +343,38 @@ def _draft_errors(cfg: TrainConfig) -> list[str]:
     return errs
 
 
+def _finetune_errors(cfg: TrainConfig, world_size: int) -> list[str]:
+    """Refusals of the fine-tuning mode and of FSDP: a negative ``model.lora_rank``; ``full_finetune_modules`` with
+    a LoRA; ``trainer.fsdp`` with a LoRA (use DDP), with one process, or with ReFL (``algorithm.draft_mode=refl``)
+    or RPO, whose loops would make ranks run different numbers of forwards."""
+    m, t, a = cfg.model, cfg.trainer, cfg.algorithm
+    errs = []
+    if m.lora_rank < 0:
+        errs.append(f"model.lora_rank={m.lora_rank}: > 0 trains a LoRA of that rank, 0 fine-tunes the whole "
+                    "denoiser (full fine-tuning)")
+    if m.lora_rank > 0 and list(m.full_finetune_modules or []):
+        errs.append(f"model.full_finetune_modules={list(m.full_finetune_modules)} selects the weights of full "
+                    f"fine-tuning, but model.lora_rank={m.lora_rank} trains a LoRA: set model.lora_rank=0 for full "
+                    "fine-tuning or drop model.full_finetune_modules")
+    if t.fsdp:
+        if m.lora_rank > 0:
+            errs.append("trainer.fsdp=true shards the denoiser for full fine-tuning (model.lora_rank=0); a LoRA "
+                        f"(model.lora_rank={m.lora_rank}) trains with DDP: drop trainer.fsdp and launch with "
+                        "configs/accelerate/ddp_8gpu.yaml or torchrun (configs/accelerate/README.md, 'Which mode for "
+                        "what': the LoRA's trainable state is small, sharding it saves nothing)")
+        if world_size < 2:
+            errs.append("trainer.fsdp=true needs at least 2 processes (torchrun --nproc_per_node N or accelerate "
+                        "launch); with one process train without it")
+        if a.name == "draft" and a.draft_mode == "refl":
+            errs.append("algorithm.draft_mode=refl is not wired for FSDP: every rank must run the same forwards, and "
+                        "ReFL's no-gradient prefix runs to the largest stopping step of each rank's micro-batch, "
+                        "which differs between ranks; use draft_mode=draft or drop trainer.fsdp")
+        if a.name == "rpo":
+            errs.append("algorithm.name=rpo is not wired for FSDP (every rank must run the same forwards; its pair "
+                        "and validation loops are per rank): drop trainer.fsdp")
+    return errs
+
+
 def validate(cfg: TrainConfig, world_size: int = 1) -> Derived:
     """Check the configuration and derive per-rank batch arithmetic.
 
@@ -326,7 +387,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> Derived:
     if t.group_size < 2 and a.name == "dpo" and not dpo_offline:
         errs.append(f"trainer.group_size={t.group_size}: online DPO (algorithm.dpo_pairs=online) pairs the best and "
                     "the worst image of each prompt group; set trainer.group_size ≥ 2")
-    elif t.group_size < 2 and not dpo_offline and a.name != "draft":  # DRaFT/ReFL need no groups
+    elif t.group_size < 2 and not dpo_offline and a.name not in ("draft", "rpo"):  # DRaFT/ReFL/RPO need no groups
         errs.append(f"trainer.group_size={t.group_size}: group-relative advantages need at least 2 images per prompt")
     n = t.group_size * t.groups_per_epoch
     if n % world_size:
@@ -342,8 +403,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> Derived:
                     f"{t.optimizer_steps_per_epoch} equal optimizer steps; use a divisor of {mb}")
     if s.kind not in ("sde", "cps", "dance"):
         errs.append(f"sampler.kind={s.kind!r}: choose 'sde', 'cps' or 'dance'")
-    if a.name not in ("flow_grpo", "nft", "raft", "dpo", "draft"):
-        errs.append(f"algorithm.name={a.name!r}: choose 'flow_grpo', 'nft', 'raft', 'dpo' or 'draft'")
+    if a.name not in ("flow_grpo", "nft", "raft", "dpo", "draft", "rpo"):
+        errs.append(f"algorithm.name={a.name!r}: choose 'flow_grpo', 'nft', 'raft', 'dpo', 'draft' or 'rpo'")
     if a.name == "dpo":
         if a.kl_beta > 0:
             errs.append("algorithm.name=dpo has no separate KL term (the DPO loss is itself KL-regularised, with "
@@ -376,7 +437,11 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> Derived:
             errs.append(f"algorithm.nft_uncond_anchor={a.nft_uncond_anchor} must be ≥ 0")
     if a.name == "draft":
         errs += _draft_errors(cfg)
-    if s.noise_level <= 0 and a.name not in ("nft", "raft", "dpo", "draft"):
+    if a.name == "rpo":
+        from flowrl.rpo import config_errors as _rpo_errors
+
+        errs += _rpo_errors(cfg)
+    if s.noise_level <= 0 and a.name not in ("nft", "raft", "dpo", "draft", "rpo"):
         errs.append("sampler.noise_level must be > 0 for a likelihood-ratio update (0 is the ODE: no log-probability); "
                     "use it only for evaluation")
     if s.density not in ("gaussian", "squared_error") or (s.density == "squared_error" and s.kind != "cps"):
@@ -450,6 +515,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> Derived:
         errs.append(f"trainer.mixed_precision={t.mixed_precision!r}: choose no, fp16 or bf16")
     if cfg.model.dtype not in ("float32", "float16", "bfloat16"):
         errs.append("model.dtype must be float32, float16 or bfloat16")
+    errs += _finetune_errors(cfg, world_size)
     if errs:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errs))
     return Derived(samples_per_epoch=n, samples_per_rank=per_rank, micro_batches_per_rank=mb,

@@ -36,6 +36,8 @@ BUILTIN_REWARDS = {
     "vlm_judge": "flowrl_rewards.vlm_judge:VLMJudgeReward",
     "geneval_real": "flowrl_rewards.geneval_real:GenEvalRealReward",
     "ocr": "flowrl_rewards.ocr:OCRReward",
+    # RPO's λ-Harmonic reward (CLIP similarity to reference images and to the prompt; algorithm=rpo, flowrl/rpo.py)
+    "lambda_harmonic": "flowrl.rpo:LambdaHarmonic",
     # text rewards (VLM branch): completions in place of images
     "vqa_accuracy": "flowrl_rewards.vqa:VQAAccuracy",
     "vqa_format": "flowrl_rewards.vqa:VQAFormat",

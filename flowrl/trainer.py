@@ -16,6 +16,12 @@ One epoch (Flow-GRPO, arXiv 2505.05470, Alg. 1; recipe in ``shared/REFERENCE.md`
    trained (sample, step) pairs of the optimizer step; gradients of the LoRA are all-reduced across ranks.
 4. EMA of the LoRA weights (used for evaluation), logging, image grids, checkpoints.
 
+``model.lora_rank=0`` trains the whole denoiser instead of a LoRA (float32 master weights; the reference is then a
+frozen copy of the initial denoiser, kept only when the update needs it); ``trainer.fsdp=true`` (or an ``accelerate
+launch`` FSDP config) shards it with FSDP2 (:mod:`flowrl.fsdp`): gradients are reduce-scattered instead of
+all-reduced, every rank runs the same forwards (padding forwards with zero loss where a rank has fewer samples or
+trained steps, evaluation on every rank) and checkpoints gather the full weights on rank 0.
+
 Other update rules share steps 1, 2 and 4: ``algorithm.name=nft`` (DiffusionNFT, :meth:`Trainer.update_nft`; ``raft``
 is its positive-only special case, reward-ranked fine-tuning) and
 ``algorithm.name=dpo`` (Flow-DPO, :meth:`Trainer.update_dpo`), the latter on online best/worst pairs of the rollout
@@ -256,6 +262,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         from accelerate import Accelerator
+        from accelerate.utils import DistributedType
 
         self.cfg = cfg
         t = cfg.trainer
@@ -268,6 +275,9 @@ class Trainer:
         elif self.acc.device.type == "cpu":
             local = int(os.environ.get("LOCAL_WORLD_SIZE", self.acc.num_processes))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
+        fsdp_plugin = None
+        if self.acc.distributed_type == DistributedType.FSDP:  # `accelerate launch` with an fsdp_* config (GPUs)
+            t.fsdp, fsdp_plugin = True, self.acc.state.fsdp_plugin
         self.derived: Derived = validate(cfg, self.acc.num_processes)
         self.train_md = read_jsonl(cfg.data.train)
         self.test_md = read_jsonl(cfg.data.test)
@@ -284,12 +294,22 @@ class Trainer:
             raise ConfigError(f"offline DPO (algorithm.dpo_pairs={cfg.algorithm.dpo_pairs}) encodes the pair images "
                               f"with the model's VAE, which the {type(self.adapter).__name__} adapter cannot do yet "
                               "(no encode_images); use model.family=sd3 or algorithm.dpo_pairs=online")
-        self.params = self.adapter.add_lora(cfg.model.lora_rank, cfg.model.lora_alpha, list(cfg.model.lora_targets),
-                                            init_seed=t.seed)
-        for p in self.params:
-            p.data = p.data.float()
+        # model.lora_rank=0: full fine-tuning of the denoiser (fp32 master weights); the frozen reference copy is kept
+        # only when something calls adapter.reference() (flowrl.models.sd3.unfreeze_full)
+        self.full_ft = cfg.model.lora_rank == 0
+        if self.full_ft:
+            self.params = self.adapter.add_full_finetune(list(cfg.model.full_finetune_modules),
+                                                         keep_reference=self.needs_reference(cfg))
+        else:
+            self.params = self.adapter.add_lora(cfg.model.lora_rank, cfg.model.lora_alpha,
+                                                list(cfg.model.lora_targets), init_seed=t.seed)
+            for p in self.params:
+                p.data = p.data.float()
         if cfg.model.gradient_checkpointing:
             self.adapter.transformer.enable_gradient_checkpointing()
+        self.fsdp = bool(t.fsdp)  # FSDP2 shards of the denoiser (and of its reference copy): flowrl/fsdp.py
+        if self.fsdp:
+            self._shard(fsdp_plugin)
         self.opt = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
         self.ema = EMA(self.params, t.ema_decay, t.ema_every) if t.ema else None
         if t.mixed_precision in ("fp16", "bf16"):  # every transformer forward (rollout, update, evaluation) autocasts
@@ -311,9 +331,50 @@ class Trainer:
             from flowrl.draft import DraftUpdater
 
             self.draft = DraftUpdater(self)
+        self.rpo = None  # algorithm=rpo: subject-driven RPO against reference images (flowrl/rpo.py)
+        if cfg.algorithm.name == "rpo":
+            from flowrl.rpo import RPOUpdater
+
+            self.rpo = RPOUpdater(self)
         self.writer = None
         if self.acc.is_main_process:
             self.writer = open_run_dir(self.out, asdict(cfg))
+
+    @staticmethod
+    def needs_reference(cfg: TrainConfig) -> bool:
+        """Whether the update calls ``adapter.reference()`` (the reference policy): the KL term
+        (``algorithm.kl_beta > 0``), Flow-DPO (always) or NFT's unconditional anchor (``nft_uncond_anchor > 0``).
+        Under full fine-tuning the frozen copy of the initial denoiser is kept only then."""
+        a = cfg.algorithm
+        return a.kl_beta > 0 or a.nft_uncond_anchor > 0 or a.name in ("dpo", "rpo")
+
+    def _shard(self, plugin) -> None:
+        """FSDP2: shard the frozen reference copy (if kept) and the trained denoiser
+        (:func:`flowrl.fsdp.shard_denoiser`, settings from accelerate's FSDP plugin when launched with one), then
+        collect the trainable parameters (now ``DTensor`` shards) for the optimizer and the EMA.
+
+        Raises:
+            ConfigError: a sharding strategy or CPU offload that flowrl does not wire.
+        """
+        from flowrl.fsdp import default_wrap_classes, settings_from_plugin, shard_denoiser
+
+        mp = self.cfg.trainer.mixed_precision
+        try:
+            settings = settings_from_plugin(plugin, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp))
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        ref = getattr(self.adapter, "_frozen_reference", None)
+        if ref is not None:  # frozen, in model.dtype, sharded like the model (it is as large) and computed in the
+            shard_denoiser(ref, settings)  # same param_dtype, so that policy = reference exactly before the first step
+        classes = settings.wrap_classes or default_wrap_classes(self.adapter.transformer)
+        den = shard_denoiser(self.adapter.transformer, settings)
+        self.params = [p for p in den.parameters() if p.requires_grad]
+        if self.acc.is_main_process:
+            units = sum(1 for m in den.modules() if m is not den and type(m).__name__.startswith("FSDP"))
+            print(f"FSDP2: {type(den).__name__} sharded over {self.acc.num_processes} ranks ({units} units of "
+                  f"{classes} + root; reshard_after_forward="
+                  f"{settings.reshard_after_forward}){'; reference copy sharded too' if ref is not None else ''}",
+                  flush=True)
 
     def _load_adapter(self):
         """The model adapter of ``model.family``: :class:`~flowrl.models.sd3.SD3Adapter` (``sd3``) or
@@ -506,6 +567,8 @@ class Trainer:
         seq_level = a.policy_loss in SEQUENCE_LOSSES
         parts = np.array_split(np.arange(n), cfg.trainer.optimizer_steps_per_epoch)
         opt_steps = 0  # optimizer steps taken since the rollout (0: current log-probs equal the stored ones)
+        # FSDP: every micro-batch visits the steps trained anywhere on any rank (padding forwards where it has none)
+        steps_all = self._global_steps(traj.train_mask) if self.fsdp else None
         for _inner in range(a.inner_epochs):
             for part in parts:
                 # Explicit global normaliser: trained (sample, step) pairs ("step_mean") or trained samples
@@ -517,13 +580,15 @@ class Trainer:
                     continue
                 scale = self.acc.num_processes / count
                 # Without a KL term a zero-advantage sample has an exactly zero gradient: skip its forward/backward
-                # (the normaliser above still counts it, so the update is unchanged).
-                run_ids = part[(adv[torch.as_tensor(part, dtype=torch.long)] != 0).numpy()] if a.kl_beta == 0 else part
-                for j in range(0, len(run_ids), mb):
+                # (the normaliser above still counts it, so the update is unchanged). Not under FSDP, where every
+                # rank must run the same forwards.
+                skip = a.kl_beta == 0 and not self.fsdp
+                run_ids = part[(adv[torch.as_tensor(part, dtype=torch.long)] != 0).numpy()] if skip else part
+                for j in self._mb_starts(len(run_ids), mb):  # FSDP: a rank with fewer micro-batches gets empty ones
                     ids = torch.as_tensor(run_ids[j : j + mb], dtype=torch.long)
                     tr, c, a_mb = traj.select(ids), cond[ids], adv[ids]
                     w = (1.0 / tr.train_mask.sum(1).clamp_min(1).float()) if per_sample else torch.ones(len(a_mb))
-                    trained = torch.nonzero(tr.train_mask.any(0)).flatten().tolist()
+                    trained = steps_all if self.fsdp else torch.nonzero(tr.train_mask.any(0)).flatten().tolist()
                     if seq_level:
                         # A sequence-level ratio (GSPO/GMPO) needs every trained step's current log-prob. Stored
                         # ones are exact before the first optimizer step; afterwards one no-grad forward per step.
@@ -534,6 +599,9 @@ class Trainer:
                         m_all = tr.train_mask[:, t]
                         # Forward only the rows that train step t (all of them unless steps are subsampled).
                         rows = torch.nonzero(m_all).flatten()
+                        if len(rows) == 0:  # only under FSDP (steps_all): keep the ranks' forwards in step
+                            self._pad_forward(self._grpo_pad)
+                            continue
                         full = len(rows) == len(m_all)
                         m = m_all[rows]
                         c_t = c if full else c[rows]
@@ -594,6 +662,51 @@ class Trainer:
         res["first_ratio_max_dev"] = float(first_ratio_dev if first_ratio_dev is not None else 0.0)
         return res
 
+    # -- FSDP lock-step ------------------------------------------------------------------------------------------
+    def _mb_starts(self, n_local: int, mb: int) -> range:
+        """Start indices of the micro-batches over ``n_local`` items. Under FSDP the count is the largest over the
+        ranks (collective), so a rank with fewer items runs empty micro-batches (padding forwards); otherwise the
+        same starts as ``range(0, n_local, mb)``."""
+        k = -(-n_local // mb)
+        if self.fsdp:
+            k = int(self._gather(torch.tensor([k])).max())
+        return range(0, k * mb, mb)
+
+    def _global_steps(self, train_mask: torch.Tensor) -> list[int]:
+        """Denoising steps trained by some sample on some rank (``train_mask`` ``[n, T]``; collective)."""
+        local = train_mask.any(0).to(torch.int64)[None]
+        return torch.nonzero(self._gather(local).amax(0)).flatten().tolist()
+
+    def _dummy_inputs(self):
+        """A one-sample input for padding forwards: zero latents, the first σ of the grid, the empty prompt."""
+        res = self.cfg.model.resolution
+        x = torch.zeros(1, *self.adapter.latent_shape(res, res), device=self.adapter.device)
+        return x, self.sigmas[:1].clone(), self.adapter.negative(1)
+
+    def _pad_forward(self, forward) -> None:
+        """FSDP padding: run ``forward(x, σ, cond)`` (a list of outputs) on :meth:`_dummy_inputs` and back-propagate
+        ``0 · Σ outputs`` through those that carry gradients. The gradient contribution is exactly zero, but the
+        rank runs the same FSDP all-gathers (forward) and reduce-scatters (backward) as a rank that has data here, so
+        no rank waits for a collective the others never start. ``forward`` must make the same denoiser calls, with
+        and without gradients, as the real step it stands in for."""
+        x, sig, c = self._dummy_inputs()
+        outs = [o for o in forward(x, sig, c) if o is not None and o.requires_grad]
+        if outs:
+            (sum(o.float().sum() for o in outs) * 0.0).backward()
+
+    def _velocity_pad(self, guidance: float):
+        """The denoiser call of one velocity prediction at ``guidance`` (FSDP padding, :meth:`_pad_forward`)."""
+        return lambda x, sig, c: [self.adapter.velocity(x, sig, c, guidance)]
+
+    def _grpo_pad(self, x, sig, c) -> list:
+        """The denoiser calls of one Flow-GRPO step (policy with gradients, reference without when ``kl_beta > 0``)."""
+        g = self.cfg.sampler.guidance_scale
+        v = self.adapter.velocity(x, sig, c, g)
+        if self.cfg.algorithm.kl_beta > 0:
+            with torch.no_grad(), self.adapter.reference():
+                self.adapter.velocity(x, sig, c, g)
+        return [v]
+
     @torch.no_grad()
     def _current_log_probs(self, tr: Trajectory, cond, steps: list[int]) -> torch.Tensor:
         """``[B, T]`` log-probabilities of the stored transitions under the current weights at ``steps`` (stored
@@ -601,6 +714,9 @@ class Trainer:
         cur = tr.log_probs.clone()
         for t in steps:
             rows = torch.nonzero(tr.train_mask[:, t]).flatten()
+            if len(rows) == 0 and self.fsdp:  # keep the ranks' forwards in step
+                self._pad_forward(self._velocity_pad(self.cfg.sampler.guidance_scale))
+                continue
             x_t = tr.latents[rows, t]
             v = self.adapter.velocity(x_t, self.sigmas[t].expand(len(rows)), cond[rows], self.cfg.sampler.guidance_scale)
             cur[rows, t] = self.step_fn(x_t, v, self.sigmas[t], self.sigmas[t + 1], tr.noise_levels[rows, t],
@@ -659,8 +775,12 @@ class Trainer:
         if not on_policy:
             v_old_all = torch.zeros_like(eps_all)
             with torch.no_grad():
-                for j in range(0, n, mb):
-                    ids = torch.arange(j, min(j + mb, n))
+                for j in self._mb_starts(n, mb):
+                    ids = torch.arange(n)[j : j + mb]
+                    if len(ids) == 0:  # FSDP padding: this rank has fewer samples than another
+                        for _d in range(k):
+                            self._pad_forward(self._velocity_pad(a.nft_guidance_scale))
+                        continue
                     for d in range(k):
                         s_ = sig_all[ids, d]
                         x_t = (1 - s_.view(-1, 1, 1, 1)) * x0_all[ids] + s_.view(-1, 1, 1, 1) * eps_all[ids, d]
@@ -676,8 +796,12 @@ class Trainer:
                 if count == 0:
                     continue
                 scale = self.acc.num_processes / count
-                for j in range(0, len(part), mb):
+                for j in self._mb_starts(len(part), mb):
                     ids = torch.as_tensor(part[j : j + mb], dtype=torch.long)
+                    if len(ids) == 0:  # FSDP padding: this rank has fewer samples than another
+                        for _d in range(k):
+                            self._pad_forward(self._nft_pad)
+                        continue
                     x0, c, r = x0_all[ids], cond[ids], r_all[ids]
                     for d in range(k):
                         s_ = sig_all[ids, d]
@@ -711,6 +835,13 @@ class Trainer:
         res = self._mean_stats(stats)
         res["first_ratio_max_dev"] = 0.0
         return res
+
+    def _nft_pad(self, x, sig, c) -> list:
+        """The denoiser calls of one DiffusionNFT draw (FSDP padding, :meth:`_pad_forward`)."""
+        a = self.cfg.algorithm
+        if a.nft_detach_uncond or a.nft_uncond_anchor > 0:
+            return list(self._guided_velocity_split(x, sig, c))
+        return [self.adapter.velocity(x, sig, c, a.nft_guidance_scale)]
 
     def _guided_velocity_split(self, x_t: torch.Tensor, sigma: torch.Tensor, cond) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The guided velocity trained through its conditional branch only, and the unconditional drift.
@@ -861,9 +992,12 @@ class Trainer:
                 count = self._gather(torch.tensor([len(part)])).sum().item()
                 if count == 0:  # identical decision on every rank (the count is global)
                     continue
-                for j in range(0, len(part), pmb):
+                for j in self._mb_starts(len(part), pmb):
                     ids = torch.as_tensor(part[j : j + pmb], dtype=torch.long)
                     b = len(ids)
+                    if b == 0:  # FSDP padding: this rank has fewer pairs than another
+                        self._pad_forward(self._dpo_pad)
+                        continue
                     x_w, x_l, tgt_w, tgt_l = dpo_noisy_pair(x0_w[ids].to(dev), x0_l[ids].to(dev),
                                                             sig_all[ids, d].to(dev), eps_all[ids, d].to(dev))
                     c = type(cache[prompts[0]]).cat([cache[prompts[i]] for i in ids.tolist()])
@@ -891,6 +1025,13 @@ class Trainer:
             res["dpo_first_loss"] = first_loss
         return res
 
+    def _dpo_pad(self, x, sig, c) -> list:
+        """The denoiser calls of one Flow-DPO micro-batch (policy with gradients, reference without)."""
+        v = self.adapter.velocity(x, sig, c, 1.0)
+        with torch.no_grad(), self.adapter.reference():
+            self.adapter.velocity(x, sig, c, 1.0)
+        return [v]
+
     def _per_tag(self, rewards, tags: list[str]) -> dict[str, float]:
         """Mean training reward per metadata ``tag`` over all ranks: ``{"reward/tag/<tag>": mean}`` (tags with no
         sample this epoch are left out)."""
@@ -906,7 +1047,7 @@ class Trainer:
         return {f"reward/tag/{t}": float(tot[i] / tot[k + i]) for i, t in enumerate(self.tag_names) if tot[k + i] > 0}
 
     def _optimizer_step(self) -> None:
-        norm = reduce_and_clip(self.acc, self.params, self.cfg.trainer.grad_clip)
+        norm = reduce_and_clip(self.acc, self.params, self.cfg.trainer.grad_clip, sharded=self.fsdp)
         if not math.isfinite(norm):  # NaN/inf loss: never apply the step; keep the last good weights
             self.opt.zero_grad(set_to_none=True)
             path = self.save(f"nan_loss_epoch_{self.epoch:04d}", self.epoch - 1, self.history)
@@ -928,8 +1069,25 @@ class Trainer:
         ``trainer_state.pt`` (trainable weights, optimizer, EMA, counters, last completed ``epoch``, history) into
         ``checkpoints/<name>``, written to a temporary folder and then renamed, so a checkpoint folder without the
         ``.tmp`` suffix is always complete. Every random draw of an epoch is seeded by ``(seed, epoch, sample)``, so
-        this is all an exact resume needs (:meth:`resume`)."""
+        this is all an exact resume needs (:meth:`resume`).
+
+        Full fine-tuning (``model.lora_rank=0``) writes the whole denoiser instead of the LoRA: ``transformer/`` (the
+        pipeline component's name, ``unet/`` for the UNet family; a diffusers model folder, float32, loadable with
+        ``SD3Transformer2DModel.from_pretrained`` or the family's class), ``transformer_ema/`` with EMA on, and
+        ``trainer_state.pt`` with the optimizer state keyed by parameter names (loadable with or without FSDP, any
+        number of ranks), counters, epoch and history; the weights themselves are read back from the folders.
+        Under FSDP every rank takes part (the full state dicts are gathered on rank 0), and rank 0 writes."""
         self.acc.wait_for_everyone()
+        full = None
+        # under FSDP every rank takes part in gathering (rank 0 receives the full tensors); otherwise rank 0 copies
+        if self.full_ft and (self.fsdp or self.acc.is_main_process):
+            from flowrl.fsdp import full_optimizer_state_dict, full_state_dict
+
+            den = self.adapter.transformer
+            full = {"model": full_state_dict(den), "ema": None, "optimizer": full_optimizer_state_dict(den, self.opt)}
+            if self.ema is not None:
+                with self.ema.swapped():
+                    full["ema"] = full_state_dict(den)
         if not self.acc.is_main_process:
             return None
         final = self.out / "checkpoints" / name
@@ -937,15 +1095,26 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir(parents=True)
-            self.adapter.save_lora(tmp / "lora")
-            if self.ema is not None:
-                with self.ema.swapped():
-                    self.adapter.save_lora(tmp / "lora_ema")
-            torch.save({"optimizer": self.opt.state_dict(), "opt_steps": self.opt_steps,
-                        "ema": self.ema.shadow if self.ema else None,
-                        "ema_updates": self.ema.updates if self.ema else 0,
-                        "params": [p.detach().clone() for p in self.params], "epoch": epoch,
-                        "history": list(history or [])}, tmp / "trainer_state.pt")
+            if full is not None:
+                from flowrl.models.sd3 import save_denoiser
+
+                attr = self.adapter.denoiser_attr
+                save_denoiser(self.adapter.transformer, tmp / attr, full["model"])
+                if full["ema"] is not None:
+                    save_denoiser(self.adapter.transformer, tmp / f"{attr}_ema", full["ema"])
+                torch.save({"finetune": "full", "optimizer": full["optimizer"], "opt_steps": self.opt_steps,
+                            "ema": None, "ema_updates": self.ema.updates if self.ema else 0, "params": None,
+                            "epoch": epoch, "history": list(history or [])}, tmp / "trainer_state.pt")
+            else:
+                self.adapter.save_lora(tmp / "lora")
+                if self.ema is not None:
+                    with self.ema.swapped():
+                        self.adapter.save_lora(tmp / "lora_ema")
+                torch.save({"optimizer": self.opt.state_dict(), "opt_steps": self.opt_steps,
+                            "ema": self.ema.shadow if self.ema else None,
+                            "ema_updates": self.ema.updates if self.ema else 0,
+                            "params": [p.detach().clone() for p in self.params], "epoch": epoch,
+                            "history": list(history or [])}, tmp / "trainer_state.pt")
         except (OSError, RuntimeError) as e:  # a full disk surfaces as OSError(ENOSPC) or torch's RuntimeError
             shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial checkpoint; the earlier ones are intact
             last = self.find_checkpoint("auto")
@@ -972,7 +1141,8 @@ class Trainer:
                 f = d / "trainer_state.pt"
                 if d.suffix == ".tmp" or not f.is_file():
                     continue
-                ep = torch.load(f, map_location="cpu", weights_only=False).get("epoch", -1)
+                # mmap: only the small "epoch" entry is read, not the optimizer state (large under full fine-tuning)
+                ep = torch.load(f, map_location="cpu", weights_only=False, mmap=True).get("epoch", -1)
                 if ep > best_epoch:
                     best, best_epoch = d, ep
             return best
@@ -983,8 +1153,20 @@ class Trainer:
         return d
 
     def resume(self, ckpt: Path) -> tuple[int, list]:
-        """Load weights, optimizer, EMA and counters from ``ckpt``; returns (first epoch to run, history so far)."""
-        st = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+        """Load weights, optimizer, EMA and counters from ``ckpt``; returns (first epoch to run, history so far).
+
+        Raises:
+            ValueError: a LoRA checkpoint for a full fine-tuning run or the reverse, or parameter shapes / names that
+                differ from this configuration's.
+        """
+        st = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False, mmap=True)
+        if (st.get("finetune") == "full") != self.full_ft:
+            have = "a full fine-tuning" if st.get("finetune") == "full" else "a LoRA"
+            want = ("full fine-tuning (model.lora_rank=0)" if self.full_ft
+                    else f"a LoRA (model.lora_rank={self.cfg.model.lora_rank})")
+            raise ValueError(f"checkpoint {ckpt} is {have} checkpoint but this run trains {want}")
+        if self.full_ft:
+            return self._resume_full(ckpt, st)
         if len(st["params"]) != len(self.params) or any(a.shape != b.shape for a, b in zip(st["params"], self.params)):
             raise ValueError(f"checkpoint {ckpt} does not match this model/LoRA configuration (parameter shapes differ)")
         with torch.no_grad():
@@ -997,21 +1179,68 @@ class Trainer:
             self.ema.updates = st.get("ema_updates", 0)
         return st["epoch"] + 1, list(st.get("history", []))
 
+    def _resume_full(self, ckpt: Path, st: dict) -> tuple[int, list]:
+        """:meth:`resume` of a full fine-tuning checkpoint: the EMA weights (``<denoiser>_ema/``) are loaded into the
+        denoiser and copied into the EMA's shadow (so it holds whatever the parameters are: whole tensors, or this
+        rank's FSDP shards), then the live weights (``<denoiser>/``) and the optimizer state. Collective under FSDP
+        (rank 0 reads the files and broadcasts)."""
+        from flowrl.fsdp import is_sharded, load_full_optimizer_state_dict, load_full_state_dict
+        from flowrl.models.sd3 import load_denoiser_state
+
+        den, attr = self.adapter.transformer, self.adapter.denoiser_attr
+        reads = self.acc.is_main_process or not is_sharded(den)  # under FSDP only rank 0 reads, then broadcasts
+
+        def load(folder: Path) -> None:
+            try:
+                load_full_state_dict(den, load_denoiser_state(folder) if reads else {})
+            except (RuntimeError, KeyError) as e:
+                raise ValueError(f"checkpoint {folder} does not match this model's {attr}: {e}") from e
+
+        if self.ema is not None and (ckpt / f"{attr}_ema").is_dir():
+            load(ckpt / f"{attr}_ema")
+            self.ema.shadow = [p.detach().clone() for p in self.params]
+            self.ema.updates = st.get("ema_updates", 0)
+        load(ckpt / attr)
+        load_full_optimizer_state_dict(den, self.opt, st["optimizer"] if reads else {})
+        self.opt_steps = st["opt_steps"]
+        return st["epoch"] + 1, list(st.get("history", []))
+
     def evaluate_heldout(self, label: str, use_ema: bool = True, base: bool = False) -> dict:
-        """Held-out GenEval-style evaluation (ODE, ``eval_steps``, fixed seeds) of the base model or the trained one."""
+        """Held-out GenEval-style evaluation (ODE, ``eval_steps``, fixed seeds) of the base model or the trained one.
+
+        Under FSDP call it on every rank: each runs the same sampling (the sharded denoiser needs every rank in every
+        forward) and only rank 0 writes ``eval/<label>``. Full fine-tuning without a kept reference copy evaluates
+        the base model with the live weights, which is only possible before the first optimizer step.
+
+        Raises:
+            RuntimeError: ``base=True`` under full fine-tuning without a reference copy after training started.
+        """
         cfg, t = self.cfg, self.cfg.trainer
         md = self.test_md[: t.eval_max_prompts] if t.eval_max_prompts else self.test_md
         kwargs = dict(images_per_prompt=t.eval_images_per_prompt, steps=cfg.sampler.eval_steps,
                       guidance_scale=cfg.sampler.eval_guidance_scale, resolution=cfg.model.resolution,
-                      seed=10_000 + t.seed, batch=t.eval_batch, out_dir=self.out / "eval" / label,
+                      seed=10_000 + t.seed, batch=t.eval_batch,
+                      out_dir=self.out / "eval" / label if self.acc.is_main_process else None,
                       progress=self.acc.is_main_process)
         if base:
+            if self.full_ft and getattr(self.adapter, "_frozen_reference", None) is None:
+                if self.opt_steps:
+                    raise RuntimeError("the base model cannot be evaluated after training started: full fine-tuning "
+                                       "keeps no frozen copy of it in this run (no KL, DPO or NFT anchor)")
+                return evaluate(self.adapter, md, self.reward_fn, **kwargs)  # the live weights are still the base
             with self.adapter.reference():
                 return evaluate(self.adapter, md, self.reward_fn, **kwargs)
         if use_ema and self.ema is not None:
             with self.ema.swapped():
                 return evaluate(self.adapter, md, self.reward_fn, **kwargs)
         return evaluate(self.adapter, md, self.reward_fn, **kwargs)
+
+    def _main_flag(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank under FSDP (collective), so that all ranks take the same branch; the flag
+        itself otherwise."""
+        if not self.fsdp:
+            return flag
+        return bool(self._gather(torch.tensor([int(flag)]))[0])
 
     def _log(self, scalars: dict[str, float], step: int) -> None:
         if self.writer is not None:
@@ -1040,22 +1269,30 @@ class Trainer:
             if self.acc.is_main_process:
                 print(f"resumed from {ckpt} at epoch {start}", flush=True)
         base_summary = self.out / "eval" / "base" / "summary.json"
-        if t.eval_base and self.acc.is_main_process:
-            if ckpt is not None and base_summary.is_file():  # the base model does not change: keep its evaluation
-                results["base"] = json.loads(base_summary.read_text())
-            else:
+        evaluates = self.acc.is_main_process or self.fsdp  # FSDP: every rank runs the evaluation's forwards
+        if t.eval_base and evaluates:
+            if ckpt is not None and self._main_flag(base_summary.is_file()):  # the base does not change: keep it
+                if self.acc.is_main_process:
+                    results["base"] = json.loads(base_summary.read_text())
+            elif not (self.full_ft and getattr(self.adapter, "_frozen_reference", None) is None and self.opt_steps):
                 results["base"] = self.evaluate_heldout("base", base=True)
+            elif self.acc.is_main_process:
+                print("base evaluation skipped: full fine-tuning resumed without a frozen copy of the base model and "
+                      f"without {base_summary}", flush=True)
         bar = tqdm(range(start, t.epochs), desc=cfg.algorithm.name, disable=not self.acc.is_main_process,
                    initial=start, total=t.epochs)
         for epoch in bar:
             self.epoch = epoch
             t0 = time.time()
             # offline DPO trains on a pairs file: no rollout and no reward during training; DRaFT samples in its update
-            batch = None if self.dpo_pairs is not None or self.draft is not None else self.collect(epoch)
+            batch = (None if self.dpo_pairs is not None or self.draft is not None or self.rpo is not None
+                     else self.collect(epoch))  # RPO generates from its own subject prompts in its update
             t1 = time.time()
             draft_images = None
             if self.draft is not None:
                 stats, draft_images = self.draft.update(epoch)
+            elif self.rpo is not None:
+                stats, draft_images = self.rpo.update(epoch)
             elif cfg.algorithm.name in ("nft", "raft"):
                 stats = self.update_nft(batch["traj"], batch["cond"], batch["adv"], batch["sample_ids"], epoch)
             elif cfg.algorithm.name == "dpo":
@@ -1069,7 +1306,7 @@ class Trainer:
             if batch is not None:
                 r_all = batch["rewards_all"]
                 log.update({"reward/mean": float(r_all.mean()), "reward/std": float(r_all.std())})
-            if self.draft is not None:  # already namespaced: reward/*, train/draft_loss, ...
+            if self.draft is not None or self.rpo is not None:  # already namespaced: reward/*, train/draft_loss, ...
                 log.update(stats)
             log.update({"train/kl": stats.get("kl", 0.0), "train/clipfrac": stats.get("clipfrac", 0.0),
                         "train/policy_loss": stats.get("policy_loss", 0.0), "train/ratio": stats.get("ratio", 1.0),
@@ -1113,12 +1350,15 @@ class Trainer:
                     self.writer.add_image("samples", np.asarray(Image.open(p)), epoch, dataformats="HWC")
             if t.save_every and (epoch + 1) % t.save_every == 0:
                 self.save(f"epoch_{epoch + 1:04d}", epoch, history)
-            if t.eval_every and (epoch + 1) % t.eval_every == 0 and self.acc.is_main_process:
+            if t.eval_every and (epoch + 1) % t.eval_every == 0 and evaluates:
                 s = self.evaluate_heldout(f"epoch_{epoch + 1:04d}")
                 self._log({"eval/overall": s["overall"]} if "overall" in s else {}, epoch)
+            if self.rpo is not None and self.rpo.stop:  # RPO early stopping on its λ-Harmonic validation score
+                break
         self.save("final", t.epochs - 1, history)
+        trained = self.evaluate_heldout("trained") if evaluates else None
         if self.acc.is_main_process:
-            results["trained"] = self.evaluate_heldout("trained")
+            results["trained"] = trained
             results["history"] = history
             (self.out / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
             if "base" in results:

@@ -7,6 +7,7 @@
                                                                  # the LoRA alone (the classic single-model layout)
     python scripts/evaluate.py --checkpoint grpo=runs/a/checkpoints/final --checkpoint dpo=runs/b/checkpoints/final \\
         --out runs/eval/compare                                  # named checkpoints (lora_ema/ or lora/ inside)
+    python scripts/evaluate.py --checkpoint full=runs/c/checkpoints/final   # full fine-tuning (transformer_ema/ inside)
     python scripts/evaluate.py --prompts drawbench.csv --reward clip_score --reward aesthetic
     python scripts/evaluate.py --prompts ocr_test.txt --reward <an OCR reward reading metadata["text"]>
     python scripts/evaluate.py --prompts prompts.txt --reward 'clip_score={"model": "openai/clip-vit-base-patch32"}'
@@ -22,7 +23,10 @@ every reward's mean, overall and per task / category, is reported. GenEval files
 
 Models: ``base`` (the ``--model`` weights) unless ``--no-base``, then every ``--lora PATH`` / ``--checkpoint
 [NAME=]PATH`` in the order given, all on the same prompts and seeds: image ``k`` of prompt ``i`` uses seed
-``seed + i·N + k`` for every model. A checkpoint folder holding ``lora_ema/`` (preferred) or ``lora/`` is accepted.
+``seed + i·N + k`` for every model. A checkpoint folder holding ``lora_ema/`` (preferred) or ``lora/`` is accepted,
+and so is a full fine-tuning checkpoint (``model.lora_rank=0``): a folder holding ``transformer_ema/`` (preferred) or
+``transformer/``, or such a diffusers transformer folder itself (``config.json`` +
+``diffusion_pytorch_model*.safetensors``); its transformer replaces the base model's for that evaluation.
 
 One model: ``--out`` receives ``results.jsonl`` (per image), ``summary.json``, ``summary.md``, ``grid.png``,
 ``report.html`` and the official GenEval folder layout ``images/<NNNNN>/{metadata.jsonl,samples/<dddd>.png}``; the
@@ -89,6 +93,23 @@ def _label(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "model"
 
 
+def _is_transformer_folder(p: Path) -> bool:
+    """A diffusers model folder (full fine-tuning checkpoint): ``config.json`` and ``diffusion_pytorch_model*``."""
+    return (p / "config.json").is_file() and any(p.glob("diffusion_pytorch_model*.safetensors"))
+
+
+def full_location(path: str) -> tuple[Path, str] | None:
+    """``(transformer folder, note)`` when ``path`` is a full fine-tuning checkpoint: a transformer folder itself, or
+    a training checkpoint holding ``transformer_ema/`` (preferred) or ``transformer/``; None otherwise."""
+    p = Path(path)
+    if p.is_dir() and _is_transformer_folder(p):
+        return p, ""
+    for sub in ("transformer_ema", "transformer"):
+        if (p / sub).is_dir() and _is_transformer_folder(p / sub):
+            return p / sub, f"{path}: using its {sub}/ (full fine-tuning)"
+    return None
+
+
 def _lora_location(path: str) -> tuple[Path, str | None, str]:
     """``(folder, weight file name or None, note)`` of the LoRA weights named by ``path``.
 
@@ -106,19 +127,26 @@ def _lora_location(path: str) -> tuple[Path, str | None, str]:
         if (p / sub).is_dir() and (any((p / sub).glob("*.safetensors")) or any((p / sub).glob("*.bin"))):
             return p / sub, None, f"{path}: using its {sub}/"
     raise FileNotFoundError(f"LoRA folder {path} holds no LoRA weights (*.safetensors) and no lora_ema/ or lora/ "
-                            "subfolder with them")
+                            "subfolder with them (nor transformer_ema/ or transformer/ of full fine-tuning)")
 
 
 def resolve_models(specs: list[tuple[str | None, str]], with_base: bool) -> list[dict]:
-    """``[{"label", "path", "lora", "weight_name", "note"}]``: ``base`` first (``lora`` None), then the LoRAs.
+    """``[{"label", "path", "lora", "full", "weight_name", "note"}]``: ``base`` first (``lora`` and ``full`` None),
+    then the checkpoints: a LoRA (``lora`` its folder) or a full fine-tuning checkpoint (``full`` its transformer
+    folder, :func:`full_location`).
 
     Raises:
         FileNotFoundError: a missing LoRA folder. ValueError: duplicate / reserved labels, or nothing to evaluate.
     """
-    models = [{"label": "base", "path": None, "lora": None, "weight_name": None, "note": ""}] if with_base else []
+    models = ([{"label": "base", "path": None, "lora": None, "full": None, "weight_name": None, "note": ""}]
+              if with_base else [])
     taken = {m["label"] for m in models}
     for name, path in specs:
-        folder, weight_name, note = _lora_location(path)
+        full = full_location(path)
+        if full is not None:
+            folder, weight_name, note = None, None, full[1]
+        else:
+            folder, weight_name, note = _lora_location(path)
         if name is not None:
             label = _label(name)
             if label in taken:
@@ -134,10 +162,27 @@ def resolve_models(specs: list[tuple[str | None, str]], with_base: bool) -> list
                 label = f"{candidates[0]}_{k}" if f"{candidates[0]}_{k}" not in taken else None
                 k += 1
         taken.add(label)
-        models.append({"label": label, "path": path, "lora": folder, "weight_name": weight_name, "note": note})
+        models.append({"label": label, "path": path, "lora": folder, "full": full[0] if full else None,
+                       "weight_name": weight_name, "note": note})
     if not models:
         raise ValueError("nothing to evaluate: --no-base needs at least one --lora or --checkpoint")
     return models
+
+
+def load_full_transformer(adapter, folder: Path):
+    """The fully fine-tuned transformer saved in ``folder`` as the base model's class, in the adapter's dtype and on
+    its device.
+
+    Raises:
+        ValueError: the folder holds another model class (e.g. a FLUX transformer for an SD3 base model).
+    """
+    import json
+
+    base_cls = type(adapter.transformer)
+    saved = json.loads((Path(folder) / "config.json").read_text()).get("_class_name")
+    if saved != base_cls.__name__:
+        raise ValueError(f"it holds a {saved}, but the base model --model has a {base_cls.__name__}")
+    return base_cls.from_pretrained(str(folder), torch_dtype=adapter.dtype).to(adapter.device).requires_grad_(False)
 
 
 def _fail(msg: str) -> NoReturn:
@@ -169,8 +214,10 @@ def main(argv: list[str] | None = None) -> dict:
             _fail(f"{prompt_set.path} is a {prompt_set.kind} prompt file ({prompt_set.reason}); choose its rewards "
                   f"with --reward ({hint})")
         reward_values = ["geneval_shapes"]
+    from contextlib import nullcontext
+
     from flowrl.evaluation import evaluate_benchmark, load_rewards, parse_reward_specs
-    from flowrl.models.sd3 import SD3Adapter, resolve_model_path
+    from flowrl.models.sd3 import SD3Adapter, resolve_model_path, swapped_denoiser
 
     try:
         specs = parse_reward_specs(reward_values)
@@ -220,9 +267,16 @@ def main(argv: list[str] | None = None) -> dict:
                 _fail(f"cannot load LoRA {m['path']}: {e}")
             finally:
                 dlogging.set_verbosity(verbosity)
+        swap = nullcontext()
+        if m["full"] is not None:
+            try:
+                swap = swapped_denoiser(adapter, load_full_transformer(adapter, m["full"]))
+            except (OSError, ValueError, KeyError, RuntimeError) as e:
+                _fail(f"cannot load the fine-tuned transformer {m['full']}: {e}")
         try:
-            summaries[m["label"]] = evaluate_benchmark(adapter, records, rewards, out_dir=folder,
-                                                       desc=f"[{j + 1}/{len(models)}] {m['label']}", **kw)
+            with swap:
+                summaries[m["label"]] = evaluate_benchmark(adapter, records, rewards, out_dir=folder,
+                                                           desc=f"[{j + 1}/{len(models)}] {m['label']}", **kw)
         finally:
             if m["lora"] is not None:
                 adapter.pipeline.unload_lora_weights()

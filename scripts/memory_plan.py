@@ -1168,10 +1168,11 @@ def report(quick_check: bool = False) -> str:
             "at micro_batch 1 (checkpointing, text encoders offloaded).",
             "- The rollout's VAE decode of a whole micro-batch at 1024² costs 1.5 GiB per image; "
             "`pipeline.vae.enable_slicing()` (one image at a time) would remove that term — not wired either.",
-            "- Not wired in flowrl today (configs/accelerate/README.md): full fine-tuning, FSDP/DeepSpeed "
-            "preparation, text-encoder offload, VAE slicing. The LoRA columns with the text encoders on the GPU are "
-            "what `scripts/train_flowgrpo.py` runs as is (DDP-equivalent: the trainer all-reduces the LoRA "
-            "gradients itself).", ""]
+            "- Wired in flowrl (configs/accelerate/README.md): LoRA with DDP-equivalent data parallelism (the "
+            "trainer all-reduces the LoRA gradients itself), full fine-tuning (`model.lora_rank=0`) and FSDP full "
+            "shard for it (`trainer.fsdp=true` or the `fsdp_8gpu*.yaml` files). Not wired: DeepSpeed ZeRO-2 "
+            "(the file launches but trains unsharded), text-encoder offload, VAE slicing; the rows that assume "
+            "them are plans.", ""]
     out += ["## Reproduce", "", "```",
             "OMP_NUM_THREADS=1 python scripts/memory_plan.py                      # tables + this file",
             "OMP_NUM_THREADS=1 python scripts/memory_plan.py --check-accelerate   # validate configs/accelerate/*.yaml",

@@ -32,7 +32,8 @@ GROUP_OPTIONS = [(g.name, f.stem) for g in sorted(CONFIGS.iterdir())
 
 # options that are only valid together with another group's option (validated as a pair)
 COMPANIONS = {("sampler", "ode"): ["algorithm=nft"], ("algorithm", "raft"): ["sampler=ode"],
-              ("algorithm", "draft"): ["reward=clip_score", "sampler=ode"]}
+              ("algorithm", "draft"): ["reward=clip_score", "sampler=ode"],
+              ("algorithm", "rpo"): ["reward=lambda_harmonic", "sampler=ode"]}
 
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS)

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowrl.models.sd3 import PromptEmbeds, _AdaptersDisabled, attach_lora, resolve_model_path
+from flowrl.models.sd3 import PromptEmbeds, attach_lora, reference_policy, resolve_model_path, unfreeze_full
 
 # Attention projections of FluxTransformerBlock (all eight) and FluxSingleTransformerBlock (to_q/k/v; its output
 # projection is the fused `proj_out`, not targeted). Same names as the SD3 adapter's, hence ModelConfig's default.
@@ -82,6 +82,7 @@ class FluxAdapter:
 
     family = "flux"
     lora_target_modules = LORA_TARGET_MODULES
+    denoiser_attr = "transformer"  # the pipeline component that is trained (LoRA or full fine-tuning)
 
     def __init__(self, pipeline, max_sequence_length: int = 512, dtype: torch.dtype = torch.float32,
                  resolution: int | None = None, true_cfg_scale: float = 1.0, negative_prompt: str = ""):
@@ -304,9 +305,16 @@ class FluxAdapter:
         """
         return attach_lora(self.transformer, rank, alpha, list(target_modules or self.lora_target_modules), init_seed)
 
+    def add_full_finetune(self, modules: list[str] | None = None,
+                          keep_reference: bool = True) -> list[torch.nn.Parameter]:
+        """Make the transformer's own weights trainable (float32 master weights), optionally keeping a frozen copy as
+        the reference policy; see :func:`flowrl.models.sd3.unfreeze_full`."""
+        return unfreeze_full(self, modules, keep_reference)
+
     def reference(self):
-        """Context manager in which the transformer is the reference policy (LoRA disabled)."""
-        return _AdaptersDisabled(self.transformer)
+        """Context manager in which the transformer is the reference policy: LoRA disabled, or under full
+        fine-tuning the frozen copy of the initial transformer (:func:`flowrl.models.sd3.reference_policy`)."""
+        return reference_policy(self)
 
     def save_lora(self, directory: str | os.PathLike) -> None:
         """Save the LoRA to ``directory`` (``pytorch_lora_weights.safetensors``, adapter config as metadata) so that

@@ -77,6 +77,7 @@ class SD3Adapter:
 
     family = "sd3"
     lora_target_modules = LORA_TARGET_MODULES
+    denoiser_attr = "transformer"  # the pipeline component that is trained (LoRA or full fine-tuning)
 
     def __init__(self, pipeline, max_sequence_length: int = 256, dtype: torch.dtype = torch.float32):
         self.pipeline = pipeline
@@ -236,9 +237,16 @@ class SD3Adapter:
         """
         return attach_lora(self.transformer, rank, alpha, list(target_modules or self.lora_target_modules), init_seed)
 
+    def add_full_finetune(self, modules: list[str] | None = None,
+                          keep_reference: bool = True) -> list[torch.nn.Parameter]:
+        """Make the transformer's own weights trainable (float32 master weights), optionally keeping a frozen copy as
+        the reference policy; see :func:`unfreeze_full`."""
+        return unfreeze_full(self, modules, keep_reference)
+
     def reference(self):
-        """Context manager in which the transformer is the reference policy (LoRA disabled)."""
-        return _AdaptersDisabled(self.transformer)
+        """Context manager in which the transformer is the reference policy: LoRA disabled, or under full
+        fine-tuning the frozen copy of the initial transformer (:func:`reference_policy`)."""
+        return reference_policy(self)
 
     def save_lora(self, directory: str | os.PathLike) -> None:
         """Save the LoRA so that ``StableDiffusion3Pipeline.load_lora_weights(directory)`` loads it."""
@@ -268,6 +276,169 @@ def attach_lora(transformer, rank: int, alpha: float, target_modules: list[str],
     for p in params:
         p.requires_grad_(True)
     return params
+
+
+def _cast_inputs_to_float32(module, args, kwargs):
+    """Forward pre-hook of a float32 (fully fine-tuned) denoiser: floating-point tensor inputs that arrive in the
+    stored dtype (the adapters cast latents and embeddings to ``adapter.dtype``) are cast to float32."""
+    def cast(v):
+        return v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float32 else v
+
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+
+def unfreeze_full(adapter, modules: list[str] | None = None, keep_reference: bool = True) -> list:
+    """Full fine-tuning of an adapter's denoiser (shared by the SD3, FLUX and UNet adapters; ``model.lora_rank=0``).
+
+    The denoiser is ``adapter.pipeline.<adapter.denoiser_attr>`` (the transformer, or the UNet). With
+    ``keep_reference`` a frozen deep copy of it is taken first, in the stored dtype (``model.dtype``), in ``eval()``
+    mode and without gradients: the reference policy of :func:`reference_policy` (KL, DPO, the NFT anchor, the base
+    evaluation). Then the live denoiser is cast to float32 (fp32 master weights; a forward pre-hook casts its
+    floating-point inputs to float32, so the adapters' ``x.to(adapter.dtype)`` keeps working) and its parameters whose
+    qualified name contains one of ``modules`` get gradients (all parameters when ``modules`` is empty). The text
+    encoders and the VAE stay frozen.
+
+    Args:
+        adapter: an SD3/FLUX/UNet adapter (needs ``pipeline`` and ``denoiser_attr``).
+        modules: name substrings to unfreeze (``model.full_finetune_modules``), e.g. ``["transformer_blocks"]``.
+        keep_reference: keep the frozen copy (costs one denoiser in ``model.dtype``); without it,
+            :func:`reference_policy` raises.
+
+    Returns:
+        The trainable float32 parameters, in ``named_parameters`` order.
+
+    Raises:
+        ValueError: the denoiser already carries a LoRA, or no parameter name contains any of ``modules`` (the
+            message lists some names).
+    """
+    import copy
+
+    den = getattr(adapter.pipeline, adapter.denoiser_attr)
+    if getattr(den, "_hf_peft_config_loaded", False):
+        raise ValueError("full fine-tuning of a denoiser that carries a LoRA: use one or the other (model.lora_rank)")
+    adapter._frozen_reference = copy.deepcopy(den).eval().requires_grad_(False) if keep_reference else None
+    adapter._full_finetune = True
+    # float32 master weights in fresh memory: the loaded tensors may be views into the safetensors file's mapping,
+    # whose alignment changes which CPU kernels run; fresh copies compute exactly as the (freshly copied) reference
+    with torch.no_grad():
+        for t in [*den.parameters(), *den.buffers()]:
+            t.data = t.data.to(torch.float32 if t.is_floating_point() else t.dtype, copy=True)
+    den.register_forward_pre_hook(_cast_inputs_to_float32, with_kwargs=True)
+    mods = [m for m in (modules or []) if m]
+    params = []
+    for name, p in den.named_parameters():
+        train = not mods or any(m in name for m in mods)
+        p.requires_grad_(train)
+        if train:
+            params.append(p)
+    if not params:
+        names = [n for n, _ in den.named_parameters()]
+        raise ValueError(f"model.full_finetune_modules={mods} matches no parameter of the "
+                         f"{type(den).__name__}; parameter names look like {names[:3]} … {names[-2:]}")
+    return params
+
+
+def reference_policy(adapter):
+    """Context manager in which the adapter's denoiser is the reference policy (the frozen initial model).
+
+    LoRA: the same denoiser with its adapters disabled. Full fine-tuning (:func:`unfreeze_full`): the frozen copy is
+    swapped in for the trained denoiser (``pipeline.<denoiser_attr>``) and the trained one is put back on exit, so
+    the live weights are never the reference.
+
+    Raises:
+        RuntimeError: full fine-tuning without a kept reference copy (``keep_reference=False``).
+    """
+    if getattr(adapter, "_full_finetune", False):
+        ref = getattr(adapter, "_frozen_reference", None)
+        if ref is None:
+            raise RuntimeError("full fine-tuning keeps no frozen reference copy in this run (it is kept only when "
+                               "algorithm.kl_beta > 0, algorithm.nft_uncond_anchor > 0 or algorithm.name=dpo); the "
+                               "live weights are not the reference policy")
+        return _SwapDenoiser(adapter.pipeline, adapter.denoiser_attr, ref)
+    return _AdaptersDisabled(getattr(adapter.pipeline, adapter.denoiser_attr))
+
+
+def denoiser_class_name(module) -> str:
+    """The diffusers class of a denoiser, also when FSDP2 has wrapped it (``FSDPSD3Transformer2DModel`` →
+    ``SD3Transformer2DModel``)."""
+    return next(c.__name__ for c in type(module).__mro__ if c.__module__.startswith("diffusers."))
+
+
+def save_denoiser(module, directory: str | os.PathLike, state_dict: dict | None = None,
+                  max_shard_size: str = "10GB") -> Path:
+    """Write a denoiser as a diffusers model folder: ``config.json`` and ``diffusion_pytorch_model*.safetensors``
+    (sharded with an index above ``max_shard_size``), so that ``<Class>.from_pretrained(directory)`` — e.g.
+    ``SD3Transformer2DModel`` — loads it (``torch_dtype`` to choose the dtype; the file keeps the tensors' dtype).
+
+    Args:
+        module: the denoiser (plain or FSDP-sharded; only its config is read when ``state_dict`` is given).
+        state_dict: the full state dict to write (e.g. gathered from FSDP shards); default ``module.state_dict()``.
+
+    Returns:
+        ``directory``.
+    """
+    import json
+
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    sd = module.state_dict() if state_dict is None else state_dict
+    config = json.loads(module.to_json_string())
+    config["_class_name"] = denoiser_class_name(module)
+    (d / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    split = split_torch_state_dict_into_shards(sd, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                                               max_shard_size=max_shard_size)
+    for filename, keys in split.filename_to_tensors.items():
+        save_file({k: sd[k] for k in keys}, str(d / filename), metadata={"format": "pt"})
+    if split.is_sharded:  # the index diffusers' from_pretrained reads for a sharded checkpoint
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (d / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return d
+
+
+def load_denoiser_state(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict stored by :func:`save_denoiser` (every ``diffusion_pytorch_model*.safetensors`` of the folder,
+    merged), as CPU tensors in their stored dtype.
+
+    Raises:
+        FileNotFoundError: no such safetensors file in ``directory``.
+    """
+    from safetensors.torch import load_file
+
+    files = sorted(Path(directory).glob("diffusion_pytorch_model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{directory} holds no diffusion_pytorch_model*.safetensors (not a full fine-tuning "
+                                "checkpoint folder)")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def swapped_denoiser(adapter, module):
+    """Context manager in which ``module`` is the adapter's denoiser (``pipeline.<adapter.denoiser_attr>``), e.g. a
+    fully fine-tuned transformer loaded from a checkpoint; the previous one is put back on exit."""
+    return _SwapDenoiser(adapter.pipeline, adapter.denoiser_attr, module)
+
+
+class _SwapDenoiser:
+    """Put ``module`` at ``pipeline.<attr>`` inside the block and restore the previous one after (bypassing the
+    pipeline's config bookkeeping in ``DiffusionPipeline.__setattr__``)."""
+
+    def __init__(self, pipeline, attr: str, module):
+        self.pipeline, self.attr, self.module = pipeline, attr, module
+
+    def __enter__(self):
+        self.saved = getattr(self.pipeline, self.attr)
+        object.__setattr__(self.pipeline, self.attr, self.module)
+        return self.module
+
+    def __exit__(self, *exc):
+        object.__setattr__(self.pipeline, self.attr, self.saved)
+        return False
 
 
 class _AdaptersDisabled:

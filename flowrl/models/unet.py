@@ -65,7 +65,7 @@ from typing import Literal
 
 import torch
 
-from flowrl.models.sd3 import _AdaptersDisabled, attach_lora, resolve_model_path
+from flowrl.models.sd3 import attach_lora, reference_policy, resolve_model_path, unfreeze_full
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -230,6 +230,7 @@ class UNetAdapter:
 
     family = "unet"
     lora_target_modules = LORA_TARGET_MODULES
+    denoiser_attr = "unet"  # the pipeline component that is trained (LoRA or full fine-tuning)
 
     def __init__(self, pipeline, dtype: torch.dtype = torch.float32,
                  terminal: Literal["scheduler", "clean"] = "scheduler"):
@@ -589,9 +590,16 @@ class UNetAdapter:
         present = [m for m in targets if m in names]
         return attach_lora(self.unet, rank, alpha, present or targets, init_seed)
 
+    def add_full_finetune(self, modules: list[str] | None = None,
+                          keep_reference: bool = True) -> list[torch.nn.Parameter]:
+        """Make the UNet's own weights trainable (float32 master weights), optionally keeping a frozen copy as the
+        reference policy; see :func:`flowrl.models.sd3.unfreeze_full`."""
+        return unfreeze_full(self, modules, keep_reference)
+
     def reference(self):
-        """Context manager in which the UNet is the reference policy (LoRA disabled)."""
-        return _AdaptersDisabled(self.unet)
+        """Context manager in which the UNet is the reference policy: LoRA disabled, or under full fine-tuning the
+        frozen copy of the initial UNet (:func:`flowrl.models.sd3.reference_policy`)."""
+        return reference_policy(self)
 
     def save_lora(self, directory: str | os.PathLike) -> None:
         """Save the LoRA so that ``StableDiffusionPipeline.load_lora_weights(directory)`` loads it (adapter config as
