@@ -1206,7 +1206,8 @@ class Trainer:
         return st["epoch"] + 1, list(st.get("history", []))
 
     def evaluate_heldout(self, label: str, use_ema: bool = True, base: bool = False) -> dict:
-        """Held-out GenEval-style evaluation (ODE, ``eval_steps``, fixed seeds) of the base model or the trained one.
+        """Held-out GenEval-style evaluation (ODE, ``eval_steps``, fixed seeds) of the base model or the trained one,
+        scored by the training reward (``algorithm=draft``: by ``algorithm.draft_eval_reward`` when it is set).
 
         Under FSDP call it on every rank: each runs the same sampling (the sharded denoiser needs every rank in every
         forward) and only rank 0 writes ``eval/<label>``. Full fine-tuning without a kept reference copy evaluates
@@ -1217,6 +1218,9 @@ class Trainer:
         """
         cfg, t = self.cfg, self.cfg.trainer
         md = self.test_md[: t.eval_max_prompts] if t.eval_max_prompts else self.test_md
+        # DRaFT trains on a differentiable proxy; with algorithm.draft_eval_reward the benchmark scores held-out images
+        reward_fn = (self.draft.eval_reward if self.draft is not None and self.draft.eval_reward is not None
+                     else self.reward_fn)
         kwargs = dict(images_per_prompt=t.eval_images_per_prompt, steps=cfg.sampler.eval_steps,
                       guidance_scale=cfg.sampler.eval_guidance_scale, resolution=cfg.model.resolution,
                       seed=10_000 + t.seed, batch=t.eval_batch,
@@ -1227,13 +1231,13 @@ class Trainer:
                 if self.opt_steps:
                     raise RuntimeError("the base model cannot be evaluated after training started: full fine-tuning "
                                        "keeps no frozen copy of it in this run (no KL, DPO or NFT anchor)")
-                return evaluate(self.adapter, md, self.reward_fn, **kwargs)  # the live weights are still the base
+                return evaluate(self.adapter, md, reward_fn, **kwargs)  # the live weights are still the base
             with self.adapter.reference():
-                return evaluate(self.adapter, md, self.reward_fn, **kwargs)
+                return evaluate(self.adapter, md, reward_fn, **kwargs)
         if use_ema and self.ema is not None:
             with self.ema.swapped():
-                return evaluate(self.adapter, md, self.reward_fn, **kwargs)
-        return evaluate(self.adapter, md, self.reward_fn, **kwargs)
+                return evaluate(self.adapter, md, reward_fn, **kwargs)
+        return evaluate(self.adapter, md, reward_fn, **kwargs)
 
     def _main_flag(self, flag: bool) -> bool:
         """Rank 0's ``flag`` on every rank under FSDP (collective), so that all ranks take the same branch; the flag
