@@ -9,8 +9,8 @@ Update rules (Hydra ``algorithm=`` groups of ``configs/``): ``flow_grpo`` with e
 (``flow_grpo`` = ``ppo_clip``, ``flow_grpo_dual_clip``, ``flow_grpo_reinforce``, ``flow_grpo_grpo_guard`` and the
 trajectory-level ``flow_grpo_gspo`` / ``flow_grpo_gmpo`` with ``algorithm.loss_aggregation=seq_mean_step_mean``),
 ``flow_grpo_global_std``, ``nft`` (DiffusionNFT, run with ``sampler=ode`` only), ``flow_dpo`` (online pairs) and
-``draft`` (DRaFT/ReFL, ``sampler=ode`` only; it needs a differentiable reward, so with the shapes benchmark's reward
-``validate`` refuses it and its row records why).
+``draft`` (DRaFT/ReFL, ``sampler=ode`` only; it needs a differentiable reward, so it trains on the embedded CLIP's
+score, ``reward=clip_shapes``, and its held-out images are scored by the benchmark, ``algorithm.draft_eval_reward``).
 Samplers: ``cps``, ``sde``, ``dance``, ``sde_fast``, ``ode``.
 
 Every combination is composed with the budget overrides and checked by :func:`flowrl.config.validate`; a refused one
@@ -92,9 +92,10 @@ def update_rules() -> list[Rule]:
     rules.append(Rule("raft", ("algorithm=raft",), only_samplers=("ode",),
                       only_reason="matrix: algorithm=raft (forward-process, likelihood-free) is run on ODE rollouts only"))
     rules.append(Rule("flow_dpo", ("algorithm=flow_dpo", "algorithm.dpo_pairs=online")))
-    # DRaFT/ReFL always samples the deterministic ODE; with the benchmark's reward (not differentiable) validate
-    # refuses it, so its row documents that refusal (run it with a differentiable reward, e.g. reward=clip_score)
-    rules.append(Rule("draft", ("algorithm=draft",), only_samplers=("ode",),
+    # DRaFT/ReFL always samples the deterministic ODE and needs a differentiable reward: it trains on the embedded
+    # CLIP's score (reward=clip_shapes) and its held-out images are scored by the benchmark (draft_eval_reward)
+    rules.append(Rule("draft", ("algorithm=draft", "reward=clip_shapes", "algorithm.draft_eval_reward=geneval_shapes"),
+                      only_samplers=("ode",),
                       only_reason="matrix: algorithm=draft (DRaFT/ReFL) always samples the deterministic ODE "
                                   "(sampler.kind/noise_level unused): its row is sampler=ode"))
     return rules
