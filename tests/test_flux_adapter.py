@@ -82,7 +82,7 @@ def test_sigma_grid_has_the_resolution_dependent_shift(ad):
 def test_stored_step_log_prob_recomputes_exactly(ad):
     cond = ad.encode(PROMPTS)
     sig = ad.sigmas(5, 64, 64)
-    for kind, a in (("sde", 0.9), ("cps", 0.8)):
+    for kind, a in (("sde", 0.9), ("cps", 0.8), ("dance", 0.3)):  # every SDE kind: first on-policy ratio exactly 1
         traj = _rollout(ad, PROMPTS, [0, 1, 2], 5, 64, 64, 3.5, noise_level=a, kind=kind)
         assert traj.train_mask[:, :4].all()
         f = step_fn(kind, float(sig[1]))
