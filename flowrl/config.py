@@ -29,7 +29,7 @@ class ModelConfig:
     (:func:`flowrl.models.sd3.unfreeze_full`). Checkpoints then hold the whole denoiser (``transformer/``).
     """
 
-    family: str = "sd3"  # sd3 (SD3/SD3.5) | flux (FLUX.1) | unet (SD1.x/2.x, DDPO)
+    family: str = "sd3"  # sd3 (SD3/SD3.5) | flux (FLUX.1) | sana (SANA) | unet (SD1.x/2.x, DDPO)
     pretrained: str = MISSING
     dtype: str = "float32"  # float32 | float16 | bfloat16
     load_t5: bool = True
@@ -506,9 +506,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> Derived:
         errs.append(f"algorithm.advantage={a.advantage!r}: choose from {sorted(ADVANTAGE_ESTIMATORS)}")
     if a.policy_loss not in POLICY_LOSSES:
         errs.append(f"algorithm.policy_loss={a.policy_loss!r}: choose from {sorted(POLICY_LOSSES)}")
-    if cfg.model.family not in ("sd3", "flux", "unet"):
-        errs.append(f"model.family={cfg.model.family!r}: choose 'sd3' (SD3/SD3.5), 'flux' (FLUX.1) or 'unet' "
-                    "(SD1.x/2.x ε/v-prediction UNets, DDPO)")
+    if cfg.model.family not in ("sd3", "flux", "sana", "unet"):
+        errs.append(f"model.family={cfg.model.family!r}: choose 'sd3' (SD3/SD3.5), 'flux' (FLUX.1), 'sana' (SANA) "
+                    "or 'unet' (SD1.x/2.x ε/v-prediction UNets, DDPO)")
     if cfg.model.family == "flux" and not cfg.model.load_t5:
         errs.append("model.family=flux needs its T5 encoder: set model.load_t5=true")
     if t.mixed_precision not in ("no", "fp16", "bf16"):

@@ -378,7 +378,8 @@ class Trainer:
 
     def _load_adapter(self):
         """The model adapter of ``model.family``: :class:`~flowrl.models.sd3.SD3Adapter` (``sd3``) or
-        :class:`~flowrl.models.flux.FluxAdapter` (``flux``; its σ grid depends on ``model.resolution``)."""
+        :class:`~flowrl.models.flux.FluxAdapter` (``flux``; its σ grid depends on ``model.resolution``),
+        :class:`~flowrl.models.sana.SanaAdapter` (``sana``) or :class:`~flowrl.models.unet.UNetAdapter` (``unet``)."""
         m = self.cfg.model
         kw = dict(dtype=DTYPES[m.dtype], device=self.acc.device, max_sequence_length=m.max_sequence_length,
                   load_t5=m.load_t5)
@@ -386,6 +387,10 @@ class Trainer:
             from flowrl.models.flux import FluxAdapter
 
             return FluxAdapter.from_pretrained(m.pretrained, resolution=m.resolution, **kw)
+        if m.family == "sana":  # SANA 0.6B/1.6B (Gemma-2 text, DC-AE); sampled with the equivalent Euler scheduler
+            from flowrl.models.sana import SanaAdapter
+
+            return SanaAdapter.from_pretrained(m.pretrained, **kw)
         if m.family == "unet":  # SD1.x/2.x ε/v-prediction UNets (DDPO), exposed in the flow-matching frame
             from flowrl.models.unet import UNetAdapter
 

@@ -11,7 +11,7 @@ so a noise level of 0 reproduces ``StableDiffusion3Pipeline.__call__`` for the s
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -19,8 +19,25 @@ import torch
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
+class BatchedTensors:
+    """Base of the prompt-embedding dataclasses of every adapter: all fields are tensors with the batch first, so
+    indexing, repeating (a group of images per prompt) and concatenating act on every field alike."""
+
+    def __getitem__(self, index):
+        return type(self)(*(getattr(self, f.name)[index] for f in fields(self)))
+
+    def repeat_interleave(self, n: int):
+        """Each prompt repeated ``n`` times consecutively (a group of ``n`` images per prompt)."""
+        return type(self)(*(getattr(self, f.name).repeat_interleave(n, 0) for f in fields(self)))
+
+    @classmethod
+    def cat(cls, parts: list):
+        """The prompts of ``parts`` in order, as one batch."""
+        return cls(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)))
+
+
 @dataclass
-class PromptEmbeds:
+class PromptEmbeds(BatchedTensors):
     """Encoded prompts of the SD3 family.
 
     Attributes:
@@ -31,16 +48,6 @@ class PromptEmbeds:
     prompt_embeds: torch.Tensor
     pooled: torch.Tensor
 
-    def __getitem__(self, index) -> "PromptEmbeds":
-        return PromptEmbeds(self.prompt_embeds[index], self.pooled[index])
-
-    def repeat_interleave(self, n: int) -> "PromptEmbeds":
-        """Each prompt repeated ``n`` times consecutively (a group of ``n`` images per prompt)."""
-        return PromptEmbeds(self.prompt_embeds.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0))
-
-    @staticmethod
-    def cat(parts: list["PromptEmbeds"]) -> "PromptEmbeds":
-        return PromptEmbeds(torch.cat([p.prompt_embeds for p in parts]), torch.cat([p.pooled for p in parts]))
 
 
 def resolve_model_path(path: str) -> str:

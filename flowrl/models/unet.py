@@ -65,7 +65,7 @@ from typing import Literal
 
 import torch
 
-from flowrl.models.sd3 import attach_lora, reference_policy, resolve_model_path, unfreeze_full
+from flowrl.models.sd3 import BatchedTensors, attach_lora, reference_policy, resolve_model_path, unfreeze_full
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -176,21 +176,11 @@ def model_output_to_eps(out: torch.Tensor, x_t: torch.Tensor, alpha_prod, predic
 # --------------------------------------------------------------------------------------------------------------------
 
 @dataclass
-class UNetPromptEmbeds:
+class UNetPromptEmbeds(BatchedTensors):
     """Encoded prompts of the SD1.x/2.x family: ``prompt_embeds`` ``[B, L, D]`` (CLIP last hidden state, L = 77 for
     SD). Same interface as :class:`~flowrl.models.sd3.PromptEmbeds` (indexing, ``repeat_interleave``, ``cat``)."""
 
     prompt_embeds: torch.Tensor
-
-    def __getitem__(self, index) -> "UNetPromptEmbeds":
-        return UNetPromptEmbeds(self.prompt_embeds[index])
-
-    def repeat_interleave(self, n: int) -> "UNetPromptEmbeds":
-        return UNetPromptEmbeds(self.prompt_embeds.repeat_interleave(n, 0))
-
-    @staticmethod
-    def cat(parts: list["UNetPromptEmbeds"]) -> "UNetPromptEmbeds":
-        return UNetPromptEmbeds(torch.cat([p.prompt_embeds for p in parts]))
 
 
 def _check_unet_folder(path: str) -> None:
