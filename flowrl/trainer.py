@@ -251,6 +251,29 @@ def make_epoch(cfg: TrainConfig, train_md: list[dict], epoch: int, rank: int, wo
                       train_mask=mask)
 
 
+# The progress bar's figures per update rule: (label, logged key, format); the reward mean comes first when logged.
+PROGRESS_KEYS = {
+    "policy_gradient": (("kl", "train/kl", "{:.2e}"), ("clip", "train/clipfrac", "{:.2f}")),
+    "nft": (("loss", "train/nft_loss", "{:.4f}"),),
+    "raft": (("loss", "train/nft_loss", "{:.4f}"),),
+    "dpo": (("dpo", "train/dpo_loss", "{:.4f}"), ("acc", "train/dpo_implicit_acc", "{:.2f}")),
+    "draft": (("loss", "train/draft_loss", "{:.4f}"),),
+    "rpo": (("loss", "train/rpo_loss", "{:.4f}"), ("acc", "train/rpo_implicit_acc", "{:.2f}"),
+            ("harmonic", "rpo/harmonic", "{:.3f}")),
+}
+
+
+def progress_postfix(algorithm: str, log: dict[str, float]) -> dict[str, str]:
+    """The progress-bar figures of an epoch's ``log`` for ``algorithm.name``: the reward mean, then the figures that
+    update rule produces (KL and clip fraction for the likelihood-ratio rules, the loss for the others); keys the
+    epoch did not log are left out."""
+    post = {"reward": f"{log['reward/mean']:.3f}"} if "reward/mean" in log else {}
+    for label, key, fmt in PROGRESS_KEYS.get(algorithm, PROGRESS_KEYS["policy_gradient"]):
+        if key in log:
+            post[label] = fmt.format(log[key])
+    return post
+
+
 class Trainer:
     """Flow-GRPO trainer over a model adapter (see :mod:`flowrl.models`). Construct, then :meth:`run`.
 
@@ -1343,13 +1366,7 @@ class Trainer:
             if self.acc.is_main_process:  # written every epoch, so a stopped run keeps its curve
                 with open(self.out / "history.jsonl", "a" if epoch > start else "w") as f:
                     f.write("".join(json.dumps(h) + "\n" for h in (history[-1:] if epoch > start else history)))
-            if cfg.algorithm.name == "dpo":
-                bar.set_postfix({**({"reward": f"{log['reward/mean']:.3f}"} if "reward/mean" in log else {}),
-                                 "dpo": f"{log.get('train/dpo_loss', float('nan')):.4f}",
-                                 "acc": f"{log.get('train/dpo_implicit_acc', float('nan')):.2f}"})
-            else:
-                bar.set_postfix(reward=f"{log.get('reward/mean', float('nan')):.3f}",
-                                kl=f"{log.get('train/kl', 0.0):.2e}", clip=f"{log.get('train/clipfrac', 0.0):.2f}")
+            bar.set_postfix(progress_postfix(cfg.algorithm.name, log))
             if (images is not None and self.acc.is_main_process and t.log_images_every
                     and epoch % t.log_images_every == 0):
                 p = save_grid(images[: min(len(images), 32)], self.out / "images" / f"epoch_{epoch:04d}.png")

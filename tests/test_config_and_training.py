@@ -627,3 +627,16 @@ def test_nft_guided_field_through_the_conditional_branch_only(tiny_sd3_path, tmp
     cfg.algorithm.nft_guidance_scale = 1.0
     with pytest.raises(ConfigError, match="nft_guidance_scale > 1"):
         validate(cfg)
+
+
+def test_progress_bar_shows_the_figures_of_each_update_rule():
+    from flowrl.trainer import progress_postfix
+
+    log = {"reward/mean": 0.5, "train/kl": 0.0, "train/clipfrac": 0.0, "train/nft_loss": 0.1234,
+           "train/draft_loss": -0.5, "train/dpo_loss": 0.69, "train/dpo_implicit_acc": 0.5}
+    assert progress_postfix("flow_grpo", log) == {"reward": "0.500", "kl": "0.00e+00", "clip": "0.00"}
+    assert progress_postfix("nft", log) == {"reward": "0.500", "loss": "0.1234"}
+    assert progress_postfix("draft", log) == {"reward": "0.500", "loss": "-0.5000"}
+    assert progress_postfix("dpo", {k: v for k, v in log.items() if k != "reward/mean"}) == {"dpo": "0.6900",
+                                                                                              "acc": "0.50"}
+    assert progress_postfix("rpo", {"rpo/harmonic": 0.4}) == {"harmonic": "0.400"}
