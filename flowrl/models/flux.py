@@ -41,7 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowrl.models.sd3 import PromptEmbeds, attach_lora, reference_policy, resolve_model_path, unfreeze_full
+from flowrl.models.sd3 import (
+    PipelineFacts, PromptEmbeds, attach_lora, reference_policy, resolve_model_path, unfreeze_full,
+)
 
 # Attention projections of FluxTransformerBlock (all eight) and FluxSingleTransformerBlock (to_q/k/v; its output
 # projection is the fused `proj_out`, not targeted). Same names as the SD3 adapter's, hence ModelConfig's default.
@@ -62,7 +64,7 @@ def _check_flux_folder(path: str) -> None:
                          f"(e.g. black-forest-labs/FLUX.1-dev).{hint}")
 
 
-class FluxAdapter:
+class FluxAdapter(PipelineFacts):
     """Velocity, prompt encoding, σ grid and decoding for a ``diffusers.FluxPipeline`` (FLUX.1-dev, -schnell, ...).
 
     Args:
@@ -134,19 +136,8 @@ class FluxAdapter:
         return cls(pipe, max_sequence_length=max_sequence_length, dtype=dtype, resolution=resolution,
                    true_cfg_scale=true_cfg_scale, negative_prompt=negative_prompt)
 
-    # -- model facts ---------------------------------------------------------------------------------------------
-    @property
-    def transformer(self):
-        return self.pipeline.transformer
-
-    @property
-    def device(self) -> torch.device:
-        return self.pipeline.transformer.device
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """Pixels per latent cell (8 for FLUX.1); one packed token covers ``2·vae_scale_factor`` pixels a side."""
-        return self.pipeline.vae_scale_factor
+    # -- model facts (transformer, device, vae_scale_factor: PipelineFacts; one packed token covers
+    #    2·vae_scale_factor pixels a side) -----------------------------------------------------------------------
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """``(C, H/f, W/f)`` of the unpacked latents for ``height × width`` pixels (``f`` = ``vae_scale_factor``).

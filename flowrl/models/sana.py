@@ -51,7 +51,9 @@ from pathlib import Path
 
 import torch
 
-from flowrl.models.sd3 import BatchedTensors, attach_lora, reference_policy, resolve_model_path, unfreeze_full
+from flowrl.models.sd3 import (
+    BatchedTensors, PipelineFacts, attach_lora, reference_policy, resolve_model_path, unfreeze_full,
+)
 
 # Both attentions of SanaTransformerBlock (attn1: linear self-attention, attn2: cross-attention to the text).
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -119,7 +121,7 @@ def euler_scheduler_for(scheduler):
                                            shift=float(cfg.get("flow_shift", 1.0)))
 
 
-class SanaAdapter:
+class SanaAdapter(PipelineFacts):
     """Velocity, prompt encoding, σ grid and decoding for a ``diffusers.SanaPipeline`` (SANA 0.6B / 1.6B).
 
     The pipeline's scheduler is replaced in place by the equivalent-shift ``FlowMatchEulerDiscreteScheduler``
@@ -196,19 +198,7 @@ class SanaAdapter:
         return cls(pipe, max_sequence_length=max_sequence_length, dtype=dtype,
                    complex_human_instruction=complex_human_instruction, negative_prompt=negative_prompt)
 
-    # -- model facts ---------------------------------------------------------------------------------------------
-    @property
-    def transformer(self):
-        return self.pipeline.transformer
-
-    @property
-    def device(self) -> torch.device:
-        return self.pipeline.transformer.device
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """Pixels per latent cell (32 for SANA's DC-AE)."""
-        return self.pipeline.vae_scale_factor
+    # -- model facts (transformer, device, vae_scale_factor — 32 for SANA's DC-AE: PipelineFacts) ----------------
 
     def sigmas(self, num_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """``[num_steps + 1]`` float32 σ grid of the (Euler) scheduler, as ``SanaPipeline.__call__`` sets it: the

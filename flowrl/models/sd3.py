@@ -36,6 +36,23 @@ class BatchedTensors:
         return cls(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)))
 
 
+class PipelineFacts:
+    """Model facts every adapter reads off its diffusers ``pipeline`` the same way: the denoiser (``transformer``;
+    the UNet adapter overrides it), the device it sits on and the VAE's pixels per latent cell."""
+
+    @property
+    def transformer(self):
+        return self.pipeline.transformer
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.pipeline.vae_scale_factor
+
+
 @dataclass
 class PromptEmbeds(BatchedTensors):
     """Encoded prompts of the SD3 family.
@@ -73,7 +90,7 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
-class SD3Adapter:
+class SD3Adapter(PipelineFacts):
     """Velocity, prompt encoding, σ grid and decoding for a ``StableDiffusion3Pipeline``.
 
     Args:
@@ -111,19 +128,7 @@ class SD3Adapter:
                 m.requires_grad_(False)
         return cls(pipe, max_sequence_length=max_sequence_length, dtype=dtype)
 
-    # -- model facts ---------------------------------------------------------------------------------------------
-    @property
-    def transformer(self):
-        return self.pipeline.transformer
-
-    @property
-    def device(self) -> torch.device:
-        return self.pipeline.transformer.device
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return self.pipeline.vae_scale_factor
-
+    # -- model facts (transformer, device, vae_scale_factor: PipelineFacts) ----------------------------------------
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """``[num_steps + 1]`` float32 σ grid of the pipeline's scheduler (shift included), ending at 0."""
         sched = self.pipeline.scheduler

@@ -65,7 +65,7 @@ from typing import Literal
 
 import torch
 
-from flowrl.models.sd3 import BatchedTensors, attach_lora, reference_policy, resolve_model_path, unfreeze_full
+from flowrl.models.sd3 import BatchedTensors, PipelineFacts, attach_lora, reference_policy, resolve_model_path, unfreeze_full
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -199,7 +199,7 @@ def _check_unet_folder(path: str) -> None:
 # The adapter
 # --------------------------------------------------------------------------------------------------------------------
 
-class UNetAdapter:
+class UNetAdapter(PipelineFacts):
     """Velocity (flow frame), prompt encoding, σ grid and decoding for a ``diffusers.StableDiffusionPipeline``.
 
     Args:
@@ -300,14 +300,6 @@ class UNetAdapter:
     @property
     def unet(self):
         return self.pipeline.unet
-
-    @property
-    def device(self) -> torch.device:
-        return self.pipeline.unet.device
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return self.pipeline.vae_scale_factor
 
     @property
     def sigma_range(self) -> tuple[float, float]:
