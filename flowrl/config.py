@@ -225,6 +225,10 @@ class TrainerConfig:
     # shard the denoiser with FSDP2 (full fine-tuning, model.lora_rank=0, ≥ 2 processes; flowrl/fsdp.py); also on
     # when `accelerate launch` brings an FSDP config (configs/accelerate/fsdp_*.yaml)
     fsdp: bool = False
+    # DeepSpeed ZeRO for full fine-tuning (model.lora_rank=0, ≥ 2 processes; flowrl/deepspeed_zero.py): 0 = off,
+    # 2 = ZeRO-2 (optimizer states and gradients partitioned); also set by `accelerate launch` with a DeepSpeed
+    # config (configs/accelerate/deepspeed_zero2_8gpu.yaml). Needs `pip install deepspeed` (flowrl[deepspeed]).
+    deepspeed_zero: int = 0
 
 
 @dataclass
@@ -372,6 +376,27 @@ def _finetune_errors(cfg: TrainConfig, world_size: int) -> list[str]:
         if a.name == "rpo":
             errs.append("algorithm.name=rpo is not wired for FSDP (every rank must run the same forwards; its pair "
                         "and validation loops are per rank): drop trainer.fsdp")
+    if t.deepspeed_zero not in (0, 2):
+        errs.append(f"trainer.deepspeed_zero={t.deepspeed_zero}: flowrl wires 0 (off) and 2 (ZeRO-2); for sharded "
+                    "parameters (ZeRO-3-like) use trainer.fsdp=true")
+    elif t.deepspeed_zero:
+        if t.fsdp:
+            errs.append("trainer.deepspeed_zero=2 and trainer.fsdp=true are two ways to shard the same training: "
+                        "pick one")
+        if m.lora_rank > 0:
+            errs.append("trainer.deepspeed_zero=2 partitions the optimizer state of full fine-tuning "
+                        f"(model.lora_rank=0); a LoRA (model.lora_rank={m.lora_rank}) trains with DDP: drop "
+                        "trainer.deepspeed_zero (or the DeepSpeed accelerate config) and launch with "
+                        "configs/accelerate/ddp_8gpu.yaml or torchrun")
+        if world_size < 2:
+            errs.append("trainer.deepspeed_zero=2 needs at least 2 processes (torchrun --nproc_per_node N or "
+                        "accelerate launch); with one process train without it")
+        if a.name == "draft" and a.draft_mode == "refl":
+            errs.append("algorithm.draft_mode=refl is not wired for DeepSpeed ZeRO-2: every rank must run the same "
+                        "backwards (ZeRO-2 reduces gradients in each backward); use draft_mode=draft")
+        if a.name == "rpo":
+            errs.append("algorithm.name=rpo is not wired for DeepSpeed ZeRO-2 (every rank must run the same "
+                        "backwards): drop trainer.deepspeed_zero")
     return errs
 
 

@@ -259,7 +259,7 @@ class DraftUpdater:
                     out = draft_forward(adapter, cond, x, sigmas, cfg.sampler.guidance_scale, a.draft_k, lv)
                 r = tr.reward_fn.differentiable(out.images, prompts * (1 + n_lv), md * (1 + n_lv)).float()
                 r = r.reshape(1 + n_lv, len(ids)).mean(0)
-                (-(a.draft_reward_scale * r).sum() * scale).backward()
+                tr._backward(-(a.draft_reward_scale * r).sum() * scale)
                 with torch.no_grad():
                     rewards[ids] = r.detach().cpu()
                     imgs = to_uint8(out.images[: len(ids)].detach())

@@ -593,7 +593,7 @@ class RPOUpdater:
                     (pw, pl), (rw, rl), (tw, tl) = order(v[:b], v[b:]), order(v_ref[:b], v_ref[b:]), order(tgt_r, tgt_g)
                     out = diffusion_dpo_loss(pw, pl, rw, rl, tw, tl, a.dpo_beta, normaliser=norm)
                     recon = (v[:b] - tgt_r).pow(2).flatten(1).mean(1)  # [b] flow-matching error on the references
-                    (out.loss + w * recon.sum() / norm).backward()
+                    self.tr._backward(out.loss + w * recon.sum() / norm)
                     with torch.no_grad():
                         per = out.per_pair_loss + w * recon
                         if first is None:

@@ -20,7 +20,9 @@ One epoch (Flow-GRPO, arXiv 2505.05470, Alg. 1; recipe in ``shared/REFERENCE.md`
 frozen copy of the initial denoiser, kept only when the update needs it); ``trainer.fsdp=true`` (or an ``accelerate
 launch`` FSDP config) shards it with FSDP2 (:mod:`flowrl.fsdp`): gradients are reduce-scattered instead of
 all-reduced, every rank runs the same forwards (padding forwards with zero loss where a rank has fewer samples or
-trained steps, evaluation on every rank) and checkpoints gather the full weights on rank 0.
+trained steps, evaluation on every rank) and checkpoints gather the full weights on rank 0. ``trainer.deepspeed_zero=2``
+(or an ``accelerate launch`` DeepSpeed config) partitions its optimizer state and gradients with DeepSpeed ZeRO-2
+(:mod:`flowrl.deepspeed_zero`; same lock-step, the engine clips and steps, the optimizer state is not checkpointed).
 
 Other update rules share steps 1, 2 and 4: ``algorithm.name=nft`` (DiffusionNFT, :meth:`Trainer.update_nft`; ``raft``
 is its positive-only special case, reward-ranked fine-tuning) and
@@ -301,7 +303,14 @@ class Trainer:
         fsdp_plugin = None
         if self.acc.distributed_type == DistributedType.FSDP:  # `accelerate launch` with an fsdp_* config (GPUs)
             t.fsdp, fsdp_plugin = True, self.acc.state.fsdp_plugin
+        from flowrl.deepspeed_zero import stage_from_accelerate
+
+        t.deepspeed_zero = stage_from_accelerate(self.acc) or t.deepspeed_zero  # `accelerate launch` DeepSpeed config
         self.derived: Derived = validate(cfg, self.acc.num_processes)
+        if t.deepspeed_zero:  # fail at start-up, before loading anything, when DeepSpeed is not installed
+            from flowrl.deepspeed_zero import require_deepspeed
+
+            require_deepspeed()
         self.train_md = read_jsonl(cfg.data.train)
         self.test_md = read_jsonl(cfg.data.test)
         self.reward_fn = load_reward(cfg.reward.name, **dict(cfg.reward.args))
@@ -334,6 +343,21 @@ class Trainer:
         if self.fsdp:
             self._shard(fsdp_plugin)
         self.opt = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
+        # DeepSpeed ZeRO-2 (flowrl/deepspeed_zero.py): the engine's ZeRO optimizer wraps the AdamW above and owns the
+        # partitioned moments and gradients; the denoiser keeps its whole weights, the adapters call it as before
+        self.ds = None
+        if t.deepspeed_zero:
+            from flowrl.deepspeed_zero import ds_config, initialize
+
+            self.ds = initialize(self.adapter.transformer, self.opt,
+                                 ds_config(t.deepspeed_zero, t.grad_clip, t.micro_batch, self.acc.num_processes))
+            self.opt = self.ds.optimizer
+            if self.acc.is_main_process:
+                print(f"DeepSpeed ZeRO-{t.deepspeed_zero}: optimizer state and gradients of "
+                      f"{type(self.adapter.transformer).__name__} partitioned over {self.acc.num_processes} ranks",
+                      flush=True)
+        # every rank runs the same forwards and backwards (FSDP: collectives in both; ZeRO-2: in the backwards)
+        self.lockstep = self.fsdp or self.ds is not None
         self.ema = EMA(self.params, t.ema_decay, t.ema_every) if t.ema else None
         if t.mixed_precision in ("fp16", "bf16"):  # every transformer forward (rollout, update, evaluation) autocasts
             self.adapter.velocity = autocast_velocity(self.adapter.velocity, self.acc.device.type,
@@ -596,7 +620,7 @@ class Trainer:
         parts = np.array_split(np.arange(n), cfg.trainer.optimizer_steps_per_epoch)
         opt_steps = 0  # optimizer steps taken since the rollout (0: current log-probs equal the stored ones)
         # FSDP: every micro-batch visits the steps trained anywhere on any rank (padding forwards where it has none)
-        steps_all = self._global_steps(traj.train_mask) if self.fsdp else None
+        steps_all = self._global_steps(traj.train_mask) if self.lockstep else None
         for _inner in range(a.inner_epochs):
             for part in parts:
                 # Explicit global normaliser: trained (sample, step) pairs ("step_mean") or trained samples
@@ -610,13 +634,13 @@ class Trainer:
                 # Without a KL term a zero-advantage sample has an exactly zero gradient: skip its forward/backward
                 # (the normaliser above still counts it, so the update is unchanged). Not under FSDP, where every
                 # rank must run the same forwards.
-                skip = a.kl_beta == 0 and not self.fsdp
+                skip = a.kl_beta == 0 and not self.lockstep
                 run_ids = part[(adv[torch.as_tensor(part, dtype=torch.long)] != 0).numpy()] if skip else part
                 for j in self._mb_starts(len(run_ids), mb):  # FSDP: a rank with fewer micro-batches gets empty ones
                     ids = torch.as_tensor(run_ids[j : j + mb], dtype=torch.long)
                     tr, c, a_mb = traj.select(ids), cond[ids], adv[ids]
                     w = (1.0 / tr.train_mask.sum(1).clamp_min(1).float()) if per_sample else torch.ones(len(a_mb))
-                    trained = steps_all if self.fsdp else torch.nonzero(tr.train_mask.any(0)).flatten().tolist()
+                    trained = steps_all if self.lockstep else torch.nonzero(tr.train_mask.any(0)).flatten().tolist()
                     if seq_level:
                         # A sequence-level ratio (GSPO/GMPO) needs every trained step's current log-prob. Stored
                         # ones are exact before the first optimizer step; afterwards one no-grad forward per step.
@@ -672,7 +696,7 @@ class Trainer:
                             kl_per = kl_gaussian_means(out.mean, mean_ref, std) * m * w_t
                             kl = kl_per.sum()
                             loss = loss + a.kl_beta * kl
-                        (loss * scale).backward()
+                        self._backward(loss * scale)
                         with torch.no_grad():
                             r = pl.ratio[m, 0]
                             if first_ratio_dev is None and r.numel():
@@ -696,7 +720,7 @@ class Trainer:
         ranks (collective), so a rank with fewer items runs empty micro-batches (padding forwards); otherwise the
         same starts as ``range(0, n_local, mb)``."""
         k = -(-n_local // mb)
-        if self.fsdp:
+        if self.lockstep:
             k = int(self._gather(torch.tensor([k])).max())
         return range(0, k * mb, mb)
 
@@ -720,7 +744,7 @@ class Trainer:
         x, sig, c = self._dummy_inputs()
         outs = [o for o in forward(x, sig, c) if o is not None and o.requires_grad]
         if outs:
-            (sum(o.float().sum() for o in outs) * 0.0).backward()
+            self._backward(sum(o.float().sum() for o in outs) * 0.0)
 
     def _velocity_pad(self, guidance: float):
         """The denoiser call of one velocity prediction at ``guidance`` (FSDP padding, :meth:`_pad_forward`)."""
@@ -742,7 +766,7 @@ class Trainer:
         cur = tr.log_probs.clone()
         for t in steps:
             rows = torch.nonzero(tr.train_mask[:, t]).flatten()
-            if len(rows) == 0 and self.fsdp:  # keep the ranks' forwards in step
+            if len(rows) == 0 and self.lockstep:  # keep the ranks' forwards in step
                 self._pad_forward(self._velocity_pad(self.cfg.sampler.guidance_scale))
                 continue
             x_t = tr.latents[rows, t]
@@ -854,7 +878,7 @@ class Trainer:
                         if anchor is not None:
                             loss = loss + a.nft_uncond_anchor * anchor.sum() * scale
                             stats.setdefault("uncond_drift", []).append(anchor.mean().item())
-                        loss.backward()
+                        self._backward(loss)
                         with torch.no_grad():
                             stats["nft_loss"].append(per.mean().item())
                             stats["r"].append(r.mean().item())
@@ -1036,7 +1060,7 @@ class Trainer:
                         v_ref = self.adapter.velocity(x2, s2, c2, 1.0)
                     out = diffusion_dpo_loss(v[:b], v[b:], v_ref[:b], v_ref[b:], tgt_w, tgt_l, a.dpo_beta,
                                              normaliser=count / self.acc.num_processes)
-                    out.loss.backward()
+                    self._backward(out.loss)
                     with torch.no_grad():
                         if first_loss is None:
                             first_loss = out.per_pair_loss.mean().item()
@@ -1074,10 +1098,26 @@ class Trainer:
         k = len(self.tag_names)
         return {f"reward/tag/{t}": float(tot[i] / tot[k + i]) for i, t in enumerate(self.tag_names) if tot[k + i] > 0}
 
+    def _backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, or the DeepSpeed engine's backward under ZeRO-2 (gradients reduced into the ranks'
+        partitions and accumulated until :meth:`_optimizer_step`)."""
+        if self.ds is not None:
+            from flowrl.deepspeed_zero import backward
+
+            backward(self.ds, loss)
+        else:
+            loss.backward()
+
     def _optimizer_step(self) -> None:
-        norm = reduce_and_clip(self.acc, self.params, self.cfg.trainer.grad_clip, sharded=self.fsdp)
+        if self.ds is not None:  # ZeRO-2: the engine clips and refuses a non-finite step itself (no all-reduce here)
+            from flowrl.deepspeed_zero import optimizer_step
+
+            norm = optimizer_step(self.ds)
+        else:
+            norm = reduce_and_clip(self.acc, self.params, self.cfg.trainer.grad_clip, sharded=self.fsdp)
         if not math.isfinite(norm):  # NaN/inf loss: never apply the step; keep the last good weights
-            self.opt.zero_grad(set_to_none=True)
+            if self.ds is None:
+                self.opt.zero_grad(set_to_none=True)
             path = self.save(f"nan_loss_epoch_{self.epoch:04d}", self.epoch - 1, self.history)
             raise RuntimeError(
                 f"non-finite gradient (norm {norm}) at epoch {self.epoch}, optimizer step {self.opt_steps + 1}: "
@@ -1085,8 +1125,9 @@ class Trainer:
                 "Lower trainer.lr, check the rewards and advantages (algorithm.advantage_eps, advantage_clip) or "
                 f"trainer.mixed_precision, then continue with trainer.resume={path}")
         self.grad_norms.append(norm)  # pre-clip global norm, logged as train/grad_norm
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        if self.ds is None:  # (the engine has stepped and zeroed its gradients already)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
         self.opt_steps += 1
         if self.ema is not None:
             self.ema.step(self.opt_steps)
@@ -1112,7 +1153,9 @@ class Trainer:
             from flowrl.fsdp import full_optimizer_state_dict, full_state_dict
 
             den = self.adapter.transformer
-            full = {"model": full_state_dict(den), "ema": None, "optimizer": full_optimizer_state_dict(den, self.opt)}
+            # ZeRO-2: the optimizer state is partitioned over the ranks and not saved (resume restarts it)
+            opt_state = None if self.ds is not None else full_optimizer_state_dict(den, self.opt)
+            full = {"model": full_state_dict(den), "ema": None, "optimizer": opt_state}
             if self.ema is not None:
                 with self.ema.swapped():
                     full["ema"] = full_state_dict(den)
@@ -1229,7 +1272,19 @@ class Trainer:
             self.ema.shadow = [p.detach().clone() for p in self.params]
             self.ema.updates = st.get("ema_updates", 0)
         load(ckpt / attr)
-        load_full_optimizer_state_dict(den, self.opt, st["optimizer"] if reads else {})
+        if self.ds is not None:  # ZeRO-2: the float32 master partitions take the loaded weights; AdamW restarts
+            from flowrl.deepspeed_zero import restore_master_weights
+
+            restore_master_weights(self.ds)
+            if self.acc.is_main_process:
+                print("DeepSpeed ZeRO-2: resumed the weights and the EMA; the optimizer state (AdamW moments) "
+                      "restarts from zero (it is not saved under ZeRO-2)", flush=True)
+        elif st.get("optimizer") is None:  # a ZeRO-2 checkpoint resumed without it: AdamW restarts too
+            if self.acc.is_main_process:
+                print(f"checkpoint {ckpt} has no optimizer state (saved under DeepSpeed ZeRO-2): AdamW restarts",
+                      flush=True)
+        else:
+            load_full_optimizer_state_dict(den, self.opt, st["optimizer"] if reads else {})
         self.opt_steps = st["opt_steps"]
         return st["epoch"] + 1, list(st.get("history", []))
 

@@ -1,0 +1,121 @@
+"""DeepSpeed ZeRO-2 for full fine-tuning in the image trainer (``trainer.deepspeed_zero=2``, flowrl/deepspeed_zero.py).
+
+Skipped when ``import deepspeed`` fails (DeepSpeed is an optional extra: ``pip install 'flowrl[deepspeed]'``).
+
+(a) Start-up refusals: a LoRA, one process, an unwired stage, FSDP and ZeRO together.
+(b) 2 CPU ranks under ZeRO-2 (``torchrun``, gloo, one thread each) make the same epoch as 1 process without it
+    (the same driver and uneven rank split as tests/test_full_finetune.py's FSDP test).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+import torch
+
+deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (optional: pip install deepspeed)")
+
+from flowrl.config import ConfigError, validate  # noqa: E402
+
+from test_full_finetune import DRIVER, REWARD, _cfg, _free_port, _run  # noqa: E402
+
+# the FSDP driver records the whole gradients handed to AdamW; under ZeRO-2 they live in the ranks' partitions
+# (p.grad is None at the ZeRO optimizer's step), so the ZeRO driver records the logged pre-clip norm instead
+DS_DRIVER = DRIVER.replace('rec["grads"].append([full(p.grad.detach()).clone() for p in tr.params])',
+                           'rec["grads"].append([full(p.grad.detach()).clone() for p in tr.params '
+                           'if p.grad is not None])')
+DS_DRIVER = DS_DRIVER.replace('"fsdp": tr.fsdp,', '"fsdp": tr.fsdp, "ds": tr.ds is not None,')
+assert DS_DRIVER.count("p.grad is not None") == 1 and '"ds": tr.ds' in DS_DRIVER
+
+
+def test_start_up_refusals(tiny_sd3_path, tmp_path):
+    def errors(world, *overrides):
+        with pytest.raises(ConfigError) as e:
+            validate(_cfg(tiny_sd3_path, tmp_path, *overrides), world)
+        return str(e.value)
+
+    msg = errors(2, "model.lora_rank=8", "trainer.deepspeed_zero=2")
+    assert "a LoRA (model.lora_rank=8) trains with DDP" in msg and "ddp_8gpu.yaml" in msg
+    assert "at least 2 processes" in errors(1, "trainer.deepspeed_zero=2")
+    assert "flowrl wires 0 (off) and 2 (ZeRO-2)" in errors(2, "trainer.deepspeed_zero=3")
+    assert "pick one" in errors(2, "trainer.deepspeed_zero=2", "trainer.fsdp=true")
+    validate(_cfg(tiny_sd3_path, tmp_path, "trainer.deepspeed_zero=2"), 2)  # full FT + ZeRO-2 on 2 ranks
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with the gloo backend is not available in this torch build")
+def test_two_zero2_ranks_make_the_same_epoch_as_one_process(tiny_sd3_path, tmp_path):
+    from flowrl.models.sd3 import load_denoiser_state
+
+    (tmp_path / "driver.py").write_text(DS_DRIVER)
+    (tmp_path / "flat_reward.py").write_text(REWARD)
+    t0 = time.time()
+    _run([sys.executable, str(tmp_path / "driver.py"), tiny_sd3_path, str(tmp_path / "w1"), str(tmp_path / "w1.pt")])
+    t1 = time.time()
+    log = _run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(tmp_path / "driver.py"),
+                tiny_sd3_path, str(tmp_path / "w2"), str(tmp_path / "w2.pt"), "trainer.deepspeed_zero=2"],
+               timeout=400)
+    t2 = time.time()
+    r1, r2 = (torch.load(tmp_path / f"w{k}.pt", weights_only=False) for k in (1, 2))
+    assert (r1["world"], r1["ds"], r2["world"], r2["ds"]) == (1, False, 2, True)
+    assert r2["cls"] == "SD3Transformer2DModel"  # ZeRO-2 leaves the module itself alone
+    assert "DeepSpeed ZeRO-2: optimizer state and gradients of SD3Transformer2DModel partitioned over 2 ranks" in log
+    # the lock-step padding paths ran: uneven samples per rank (a dropped group) and per-group SDE windows
+    assert r2["n_per_rank"] == [6, 2] and r1["n_per_rank"] == [8]
+    h1, h2 = r1["history"][0], r2["history"][0]
+    assert h1["reward/mean"] == h2["reward/mean"] and h1["train/groups"] == h2["train/groups"] == 2
+    assert h1["train/first_ratio_max_dev"] == h2["train/first_ratio_max_dev"] == 0.0
+    # the pre-clip global norm the engine computed over the partitions = the 1-process norm
+    assert h2["train/grad_norm"] == pytest.approx(h1["train/grad_norm"], rel=1e-5)
+    moved, dev = 0.0, {}
+    for sub in ("transformer", "transformer_ema"):
+        w1, w2 = (load_denoiser_state(tmp_path / w / "checkpoints" / "final" / sub) for w in ("w1", "w2"))
+        assert w1.keys() == w2.keys()
+        dev[sub] = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+        if sub == "transformer":
+            b = dict(zip(r1["names"], r1["before"]))
+            moved = max((w1[k] - b[k]).abs().max().item() for k in b)
+    print(f"ZeRO-2 vs 1 process: max |Δw| transformer {dev['transformer']:.2e}, EMA {dev['transformer_ema']:.2e}; "
+          f"the step moved weights by {moved:.2e}; grad norm {h1['train/grad_norm']:.6g} vs "
+          f"{h2['train/grad_norm']:.6g}; 1 process {t1 - t0:.0f} s, 2 ranks {t2 - t1:.0f} s")
+    assert moved > 1e-4 and dev["transformer"] < 1e-5 and dev["transformer_ema"] < 1e-5
+    assert r1["trained"]["reward"] == pytest.approx(r2["trained"]["reward"], abs=1e-4)
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with the gloo backend is not available in this torch build")
+def test_zero2_checkpoint_resumes_with_a_restarted_optimizer(tiny_sd3_path, tmp_path):
+    """A ZeRO-2 checkpoint holds the full weights and EMA but no optimizer state (partitioned): resuming it under
+    ZeRO-2 (the weights copied into ZeRO's float32 master partitions, AdamW restarted) and on 1 process without
+    DeepSpeed (AdamW restarted as well) train the same second epoch."""
+    from flowrl.models.sd3 import load_denoiser_state
+
+    (tmp_path / "driver.py").write_text(DS_DRIVER)
+    (tmp_path / "flat_reward.py").write_text(REWARD)
+
+    def torchrun(out, *extra):
+        return _run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                     "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(tmp_path / "driver.py"),
+                     tiny_sd3_path, str(tmp_path / out), str(tmp_path / f"{out}.pt"), "trainer.deepspeed_zero=2",
+                     *extra], timeout=400)
+
+    torchrun("a")
+    ck = tmp_path / "a" / "checkpoints" / "final"
+    st = torch.load(ck / "trainer_state.pt", weights_only=False)
+    assert st["finetune"] == "full" and st["optimizer"] is None and st["opt_steps"] == 1
+    resume = ("trainer.epochs=2", f"trainer.resume={ck}")
+    log = torchrun("b", *resume)
+    assert "the optimizer state (AdamW moments) restarts from zero" in log
+    log = _run([sys.executable, str(tmp_path / "driver.py"), tiny_sd3_path, str(tmp_path / "c"),
+                str(tmp_path / "c.pt"), *resume])
+    assert "has no optimizer state (saved under DeepSpeed ZeRO-2): AdamW restarts" in log
+    w_a = load_denoiser_state(ck / "transformer")
+    for sub in ("transformer", "transformer_ema"):
+        w_b, w_c = (load_denoiser_state(tmp_path / w / "checkpoints" / "final" / sub) for w in ("b", "c"))
+        dev = max((w_b[k] - w_c[k]).abs().max().item() for k in w_b)
+        moved = max((w_b[k] - w_a[k]).abs().max().item() for k in w_b)
+        print(f"resumed ZeRO-2 vs 1 process, {sub}: max |Δw| {dev:.2e} (the second epoch moved {moved:.2e})")
+        assert dev < 1e-5 and moved > 1e-4, sub
