@@ -3,7 +3,9 @@ an ``accelerate launch`` DeepSpeed config): the engine, the settings read from a
 
 ZeRO-2 partitions the AdamW moments (and the float32 master copy) and the gradients over the ranks; every rank keeps
 the whole float32 weights (the denoiser's own parameters), so the adapters keep calling the raw module for their
-forwards and checkpoints copy the weights on rank 0 as without it. The trainer keeps its own loop:
+forwards and checkpoints copy the weights on rank 0 as without it; each rank adds its optimizer partition
+(:func:`save_optimizer_partition`), which a resume on as many ranks loads (:func:`load_optimizer_partition`). The
+trainer keeps its own loop:
 
 - ``managed_gradient_accumulation: false``: the engine does not count micro-batches; each :func:`backward` (the
   trainer's loss, already scaled by ``world / global normaliser``; ``scale_wrt_gas=False``) runs ZeRO-2's gradient
@@ -103,3 +105,26 @@ def restore_master_weights(engine) -> None:
     """After loading weights into the module (resume): copy them into ZeRO's float32 master partitions, which
     otherwise would overwrite them at the next step."""
     engine.optimizer._restore_from_bit16_weights()
+
+
+def partition_file(folder, rank: int):
+    """This rank's ZeRO-2 optimizer partition in a checkpoint folder: ``zero_optim_rank{rank}.pt``."""
+    from pathlib import Path
+
+    return Path(folder) / f"zero_optim_rank{rank}.pt"
+
+
+def save_optimizer_partition(engine, folder, rank: int) -> None:
+    """Write this rank's partition of the ZeRO optimizer (``engine.optimizer.state_dict()``: its AdamW moments and
+    step, the float32 master partition, the clip/loss-scale settings) to :func:`partition_file`."""
+    torch.save(engine.optimizer.state_dict(), partition_file(folder, rank))
+
+
+def load_optimizer_partition(engine, folder, rank: int, world: int) -> None:
+    """Load this rank's partition saved by :func:`save_optimizer_partition` under the same number of ranks (ZeRO's
+    rigid checkpoint: each rank reads its own entry of the list), after the module's weights were loaded. The master
+    partitions are refreshed from the module's (float32) weights, which equal the saved ones."""
+    sd = torch.load(partition_file(folder, rank), map_location="cpu", weights_only=False)
+    parts = [None] * world
+    parts[rank] = sd
+    engine.optimizer.load_state_dict(parts, load_optimizer_states=True, load_from_fp32_weights=False)

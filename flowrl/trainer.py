@@ -22,7 +22,7 @@ launch`` FSDP config) shards it with FSDP2 (:mod:`flowrl.fsdp`): gradients are r
 all-reduced, every rank runs the same forwards (padding forwards with zero loss where a rank has fewer samples or
 trained steps, evaluation on every rank) and checkpoints gather the full weights on rank 0. ``trainer.deepspeed_zero=2``
 (or an ``accelerate launch`` DeepSpeed config) partitions its optimizer state and gradients with DeepSpeed ZeRO-2
-(:mod:`flowrl.deepspeed_zero`; same lock-step, the engine clips and steps, the optimizer state is not checkpointed).
+(:mod:`flowrl.deepspeed_zero`; same lock-step, the engine clips and steps, each rank saves its optimizer partition).
 
 Other update rules share steps 1, 2 and 4: ``algorithm.name=nft`` (DiffusionNFT, :meth:`Trainer.update_nft`; ``raft``
 is its positive-only special case, reward-ranked fine-tuning) and
@@ -1145,7 +1145,10 @@ class Trainer:
         ``SD3Transformer2DModel.from_pretrained`` or the family's class), ``transformer_ema/`` with EMA on, and
         ``trainer_state.pt`` with the optimizer state keyed by parameter names (loadable with or without FSDP, any
         number of ranks), counters, epoch and history; the weights themselves are read back from the folders.
-        Under FSDP every rank takes part (the full state dicts are gathered on rank 0), and rank 0 writes."""
+        Under FSDP every rank takes part (the full state dicts are gathered on rank 0), and rank 0 writes. Under
+        DeepSpeed ZeRO-2 every rank also writes its optimizer partition (``zero_optim_rank{r}.pt``) into the same
+        temporary folder before rank 0 renames it (:meth:`_save_zero_partitions`; ``trainer_state.pt`` has
+        ``optimizer: None`` and ``zero_optim: <ranks>``)."""
         self.acc.wait_for_everyone()
         full = None
         # under FSDP every rank takes part in gathering (rank 0 receives the full tensors); otherwise rank 0 copies
@@ -1153,19 +1156,26 @@ class Trainer:
             from flowrl.fsdp import full_optimizer_state_dict, full_state_dict
 
             den = self.adapter.transformer
-            # ZeRO-2: the optimizer state is partitioned over the ranks and not saved (resume restarts it)
+            # ZeRO-2: the optimizer state is partitioned over the ranks; each rank saves its own (_save_zero_partitions)
             opt_state = None if self.ds is not None else full_optimizer_state_dict(den, self.opt)
             full = {"model": full_state_dict(den), "ema": None, "optimizer": opt_state}
             if self.ema is not None:
                 with self.ema.swapped():
                     full["ema"] = full_state_dict(den)
-        if not self.acc.is_main_process:
-            return None
         final = self.out / "checkpoints" / name
         tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        # ZeRO-2: every rank writes its optimizer partition into the temporary folder first (collective)
+        zero_err = self._save_zero_partitions(tmp) if self.ds is not None else None
+        if not self.acc.is_main_process:
+            if zero_err is not None:
+                raise RuntimeError(f"saving checkpoint {final} failed: {zero_err}")
+            return None
+        if self.ds is None:
+            shutil.rmtree(tmp, ignore_errors=True)
         try:
-            tmp.mkdir(parents=True)
+            if zero_err is not None:
+                raise OSError(zero_err)
+            tmp.mkdir(parents=True, exist_ok=self.ds is not None)
             if full is not None:
                 from flowrl.models.sd3 import save_denoiser
 
@@ -1174,7 +1184,8 @@ class Trainer:
                 if full["ema"] is not None:
                     save_denoiser(self.adapter.transformer, tmp / f"{attr}_ema", full["ema"])
                 torch.save({"finetune": "full", "optimizer": full["optimizer"], "opt_steps": self.opt_steps,
-                            "ema": None, "ema_updates": self.ema.updates if self.ema else 0, "params": None,
+                            "zero_optim": self.acc.num_processes if self.ds is not None else 0, "ema": None,
+                            "ema_updates": self.ema.updates if self.ema else 0, "params": None,
                             "epoch": epoch, "history": list(history or [])}, tmp / "trainer_state.pt")
             else:
                 self.adapter.save_lora(tmp / "lora")
@@ -1196,6 +1207,36 @@ class Trainer:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         return final
+
+    def _save_zero_partitions(self, tmp: Path) -> str | None:
+        """ZeRO-2 part of :meth:`save` (collective): rank 0 creates the empty temporary folder, then every rank writes
+        its optimizer partition (``zero_optim_rank{r}.pt``) into it. Returns None when every rank succeeded, else the
+        first failure (the same on all ranks), so that all ranks stop together and rank 0 renames the folder only
+        after every partition is complete. The folder must be on a filesystem all ranks share."""
+        from flowrl.deepspeed_zero import save_optimizer_partition
+
+        rank, err = self.acc.process_index, ""
+        if self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                err = f"rank 0 could not create {tmp} ({type(e).__name__}: {e})"
+        if not self._all_ok(not err) and not err:
+            err = f"rank 0 could not create {tmp}"
+        if not err:
+            try:
+                save_optimizer_partition(self.ds, tmp, rank)
+            except (OSError, RuntimeError) as e:  # a full disk: OSError(ENOSPC) or torch's RuntimeError
+                err = f"rank {rank} could not write its ZeRO-2 optimizer partition ({type(e).__name__}: {e})"
+            ok = self._all_ok(not err)
+            if not ok and not err:
+                err = f"another rank could not write its ZeRO-2 optimizer partition into {tmp} (see its log)"
+        return err or None
+
+    def _all_ok(self, ok: bool) -> bool:
+        """True on every rank when ``ok`` is true on every rank (collective)."""
+        return bool(self._gather(torch.tensor([int(ok)])).min().item())
 
     def find_checkpoint(self, spec: str) -> Path | None:
         """``trainer.resume``: ``""`` → None; ``"auto"`` → the complete checkpoint with the highest saved epoch in
@@ -1272,13 +1313,23 @@ class Trainer:
             self.ema.shadow = [p.detach().clone() for p in self.params]
             self.ema.updates = st.get("ema_updates", 0)
         load(ckpt / attr)
-        if self.ds is not None:  # ZeRO-2: the float32 master partitions take the loaded weights; AdamW restarts
-            from flowrl.deepspeed_zero import restore_master_weights
+        if self.ds is not None:  # ZeRO-2: each rank loads its optimizer partition if saved with as many ranks
+            from flowrl.deepspeed_zero import load_optimizer_partition, partition_file, restore_master_weights
 
-            restore_master_weights(self.ds)
-            if self.acc.is_main_process:
-                print("DeepSpeed ZeRO-2: resumed the weights and the EMA; the optimizer state (AdamW moments) "
-                      "restarts from zero (it is not saved under ZeRO-2)", flush=True)
+            rank, world = self.acc.process_index, self.acc.num_processes
+            saved = st.get("zero_optim", 0)
+            if saved == world and all(partition_file(ckpt, r).is_file() for r in range(world)):
+                load_optimizer_partition(self.ds, ckpt, rank, world)
+                if self.acc.is_main_process:
+                    print(f"DeepSpeed ZeRO-2: resumed the weights, the EMA and the optimizer state (AdamW moments, "
+                          f"partitioned over {world} ranks)", flush=True)
+            else:  # the float32 master partitions take the loaded weights; AdamW restarts
+                restore_master_weights(self.ds)
+                why = (f"its ZeRO-2 optimizer partitions were saved by {saved} ranks, this run has {world}"
+                       if saved and saved != world else "the checkpoint holds no ZeRO-2 optimizer partitions")
+                if self.acc.is_main_process:
+                    print(f"DeepSpeed ZeRO-2: resumed the weights and the EMA; the optimizer state (AdamW moments) "
+                          f"restarts from zero ({why})", flush=True)
         elif st.get("optimizer") is None:  # a ZeRO-2 checkpoint resumed without it: AdamW restarts too
             if self.acc.is_main_process:
                 print(f"checkpoint {ckpt} has no optimizer state (saved under DeepSpeed ZeRO-2): AdamW restarts",

@@ -5,6 +5,8 @@ Skipped when ``import deepspeed`` fails (DeepSpeed is an optional extra: ``pip i
 (a) Start-up refusals: a LoRA, one process, an unwired stage, FSDP and ZeRO together.
 (b) 2 CPU ranks under ZeRO-2 (``torchrun``, gloo, one thread each) make the same epoch as 1 process without it
     (the same driver and uneven rank split as tests/test_full_finetune.py's FSDP test).
+(c) A ZeRO-2 checkpoint (full weights, EMA, each rank's optimizer partition) resumed on 2 ZeRO-2 ranks reproduces
+    the uninterrupted run exactly; without its partitions, or on 1 process without DeepSpeed, AdamW restarts.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from test_full_finetune import DRIVER, REWARD, _cfg, _free_port, _run  # noqa: E
 DS_DRIVER = DRIVER.replace('rec["grads"].append([full(p.grad.detach()).clone() for p in tr.params])',
                            'rec["grads"].append([full(p.grad.detach()).clone() for p in tr.params '
                            'if p.grad is not None])')
-DS_DRIVER = DS_DRIVER.replace('"fsdp": tr.fsdp,', '"fsdp": tr.fsdp, "ds": tr.ds is not None,')
+# ... and AdamW's step count at the end (the base optimizer under the ZeRO optimizer): restored on an exact resume
+DS_DRIVER = DS_DRIVER.replace('"fsdp": tr.fsdp,', '"fsdp": tr.fsdp, "ds": tr.ds is not None, "adam_step": '
+                              'float(next(iter((tr.opt.optimizer if tr.ds is not None else tr.opt)'
+                              '.state.values()))["step"]),')
 assert DS_DRIVER.count("p.grad is not None") == 1 and '"ds": tr.ds' in DS_DRIVER
 
 
@@ -87,10 +92,13 @@ def test_two_zero2_ranks_make_the_same_epoch_as_one_process(tiny_sd3_path, tmp_p
 
 @pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                     reason="torch.distributed with the gloo backend is not available in this torch build")
-def test_zero2_checkpoint_resumes_with_a_restarted_optimizer(tiny_sd3_path, tmp_path):
-    """A ZeRO-2 checkpoint holds the full weights and EMA but no optimizer state (partitioned): resuming it under
-    ZeRO-2 (the weights copied into ZeRO's float32 master partitions, AdamW restarted) and on 1 process without
-    DeepSpeed (AdamW restarted as well) train the same second epoch."""
+def test_zero2_checkpoint_resumes_exactly_with_its_optimizer_partitions(tiny_sd3_path, tmp_path):
+    """A ZeRO-2 checkpoint holds the full weights, the EMA and each rank's optimizer partition
+    (``zero_optim_rank{r}.pt``): 2 ZeRO-2 ranks resuming it after epoch 1 reproduce the uninterrupted 2-epoch run
+    (weights, EMA, AdamW step count). Without the partitions (another number of ranks) ZeRO-2 restarts AdamW, as does
+    1 process without DeepSpeed: those two train the same second epoch, which differs from the exact one."""
+    import shutil
+
     from flowrl.models.sd3 import load_denoiser_state
 
     (tmp_path / "driver.py").write_text(DS_DRIVER)
@@ -102,20 +110,39 @@ def test_zero2_checkpoint_resumes_with_a_restarted_optimizer(tiny_sd3_path, tmp_
                      tiny_sd3_path, str(tmp_path / out), str(tmp_path / f"{out}.pt"), "trainer.deepspeed_zero=2",
                      *extra], timeout=400)
 
+    def weights(out, sub):
+        return load_denoiser_state(tmp_path / out / "checkpoints" / "final" / sub)
+
     torchrun("a")
     ck = tmp_path / "a" / "checkpoints" / "final"
     st = torch.load(ck / "trainer_state.pt", weights_only=False)
-    assert st["finetune"] == "full" and st["optimizer"] is None and st["opt_steps"] == 1
-    resume = ("trainer.epochs=2", f"trainer.resume={ck}")
-    log = torchrun("b", *resume)
-    assert "the optimizer state (AdamW moments) restarts from zero" in log
+    assert st["finetune"] == "full" and st["optimizer"] is None and st["opt_steps"] == 1 and st["zero_optim"] == 2
+    assert sorted(f.name for f in ck.glob("zero_optim_rank*.pt")) == ["zero_optim_rank0.pt", "zero_optim_rank1.pt"]
+    assert not list(ck.parent.glob("*.tmp"))
+    torchrun("full", "trainer.epochs=2")  # uninterrupted
+    log = torchrun("b", "trainer.epochs=2", f"trainer.resume={ck}")
+    assert "resumed the weights, the EMA and the optimizer state (AdamW moments, partitioned over 2 ranks)" in log
+    # the same checkpoint without the partitions (as if saved on another number of ranks): AdamW restarts
+    ck2 = tmp_path / "a2"
+    shutil.copytree(ck, ck2)
+    for f in ck2.glob("zero_optim_rank*.pt"):
+        f.unlink()
+    log = torchrun("b2", "trainer.epochs=2", f"trainer.resume={ck2}")
+    assert "the optimizer state (AdamW moments) restarts from zero (the checkpoint holds no ZeRO-2 optimizer" in log
     log = _run([sys.executable, str(tmp_path / "driver.py"), tiny_sd3_path, str(tmp_path / "c"),
-                str(tmp_path / "c.pt"), *resume])
+                str(tmp_path / "c.pt"), "trainer.epochs=2", f"trainer.resume={ck}"])
     assert "has no optimizer state (saved under DeepSpeed ZeRO-2): AdamW restarts" in log
+    rec = {k: torch.load(tmp_path / f"{k}.pt", weights_only=False) for k in ("full", "b", "b2", "c")}
+    assert rec["full"]["adam_step"] == rec["b"]["adam_step"] == 2.0  # the AdamW step count was restored
+    assert rec["b2"]["adam_step"] == rec["c"]["adam_step"] == 1.0  # restarted
     w_a = load_denoiser_state(ck / "transformer")
     for sub in ("transformer", "transformer_ema"):
-        w_b, w_c = (load_denoiser_state(tmp_path / w / "checkpoints" / "final" / sub) for w in ("b", "c"))
-        dev = max((w_b[k] - w_c[k]).abs().max().item() for k in w_b)
-        moved = max((w_b[k] - w_a[k]).abs().max().item() for k in w_b)
-        print(f"resumed ZeRO-2 vs 1 process, {sub}: max |Δw| {dev:.2e} (the second epoch moved {moved:.2e})")
-        assert dev < 1e-5 and moved > 1e-4, sub
+        w = {k: weights(k, sub) for k in ("full", "b", "b2", "c")}
+        dev = lambda x, y: max((w[x][k] - w[y][k]).abs().max().item() for k in w[x])  # noqa: E731
+        moved = max((w["b"][k] - w_a[k]).abs().max().item() for k in w_a)
+        print(f"{sub}: exact resume vs uninterrupted max |Δw| {dev('b', 'full'):.2e}; restarted AdamW vs "
+              f"uninterrupted {dev('b2', 'full'):.2e}; restarted ZeRO-2 vs 1 process {dev('b2', 'c'):.2e}; "
+              f"the second epoch moved {moved:.2e}")
+        assert dev("b", "full") <= 1e-7 and moved > 1e-4, sub
+        assert dev("b2", "c") < 1e-5, sub
+        assert dev("b2", "full") > 1e-5, sub  # restarting AdamW does not reproduce the uninterrupted run
