@@ -41,9 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowrl.models.sd3 import (
-    PipelineFacts, PromptEmbeds, attach_lora, reference_policy, resolve_model_path, unfreeze_full,
-)
+from flowrl.models.sd3 import PipelineFacts, PromptEmbeds, resolve_model_path
 
 # Attention projections of FluxTransformerBlock (all eight) and FluxSingleTransformerBlock (to_q/k/v; its output
 # projection is the fused `proj_out`, not targeted). Same names as the SD3 adapter's, hence ModelConfig's default.
@@ -284,29 +282,6 @@ class FluxAdapter(PipelineFacts):
         return (img.float() / 2 + 0.5).clamp(0, 1)
 
     # -- LoRA ----------------------------------------------------------------------------------------------------
-    def add_lora(self, rank: int, alpha: float, target_modules: list[str] | None = None,
-                 init_seed: int = 0) -> list[torch.nn.Parameter]:
-        """Attach a peft LoRA adapter (named ``"default"``) to the transformer; returns its trainable parameters.
-
-        ``init_lora_weights="gaussian"``: A is Gaussian, B is zero, so the adapted model starts equal to the base.
-        The reference policy is the same transformer with the adapter disabled (:meth:`reference`).
-
-        Raises:
-            ValueError (from peft): if no module matches ``target_modules``.
-        """
-        return attach_lora(self.transformer, rank, alpha, list(target_modules or self.lora_target_modules), init_seed)
-
-    def add_full_finetune(self, modules: list[str] | None = None,
-                          keep_reference: bool = True) -> list[torch.nn.Parameter]:
-        """Make the transformer's own weights trainable (float32 master weights), optionally keeping a frozen copy as
-        the reference policy; see :func:`flowrl.models.sd3.unfreeze_full`."""
-        return unfreeze_full(self, modules, keep_reference)
-
-    def reference(self):
-        """Context manager in which the transformer is the reference policy: LoRA disabled, or under full
-        fine-tuning the frozen copy of the initial transformer (:func:`flowrl.models.sd3.reference_policy`)."""
-        return reference_policy(self)
-
     def save_lora(self, directory: str | os.PathLike) -> None:
         """Save the LoRA to ``directory`` (``pytorch_lora_weights.safetensors``, adapter config as metadata) so that
         ``FluxPipeline.load_lora_weights(directory)`` restores the same scale ``alpha / rank``."""

@@ -51,9 +51,7 @@ from pathlib import Path
 
 import torch
 
-from flowrl.models.sd3 import (
-    BatchedTensors, PipelineFacts, attach_lora, reference_policy, resolve_model_path, unfreeze_full,
-)
+from flowrl.models.sd3 import BatchedTensors, PipelineFacts, resolve_model_path
 
 # Both attentions of SanaTransformerBlock (attn1: linear self-attention, attn2: cross-attention to the text).
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -318,39 +316,12 @@ class SanaAdapter(PipelineFacts):
             ValueError: not ``[B, 3, H, W]``, values outside [0, 1], or a size :meth:`latent_shape` rejects.
         """
         del generator
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
-        if images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
-            raise ValueError("images must be floats in [0, 1]")
-        self.latent_shape(images.shape[2], images.shape[3])  # size check
+        self.check_images(images)
         vae = self.pipeline.vae
         z = vae.encode(images.to(self.device, vae.dtype) * 2 - 1).latent
         return (z.float() * vae.config.scaling_factor).float()
 
     # -- LoRA ----------------------------------------------------------------------------------------------------
-    def add_lora(self, rank: int, alpha: float, target_modules: list[str] | None = None,
-                 init_seed: int = 0) -> list[torch.nn.Parameter]:
-        """Attach a peft LoRA adapter (named ``"default"``) to the transformer; returns its trainable parameters.
-
-        B starts at zero, so the adapted model starts equal to the base; the reference policy is the same
-        transformer with the adapter disabled (:meth:`reference`).
-
-        Raises:
-            ValueError (from peft): if no module matches ``target_modules``.
-        """
-        return attach_lora(self.transformer, rank, alpha, list(target_modules or self.lora_target_modules), init_seed)
-
-    def add_full_finetune(self, modules: list[str] | None = None,
-                          keep_reference: bool = True) -> list[torch.nn.Parameter]:
-        """Make the transformer's own weights trainable (float32 master weights), optionally keeping a frozen copy as
-        the reference policy; see :func:`flowrl.models.sd3.unfreeze_full`."""
-        return unfreeze_full(self, modules, keep_reference)
-
-    def reference(self):
-        """Context manager in which the transformer is the reference policy (LoRA disabled, or the frozen copy under
-        full fine-tuning; :func:`flowrl.models.sd3.reference_policy`)."""
-        return reference_policy(self)
-
     def save_lora(self, directory: str | os.PathLike) -> None:
         """Save the LoRA to ``directory`` (``pytorch_lora_weights.safetensors``, adapter config as metadata) so that
         ``SanaPipeline.load_lora_weights(directory)`` restores the same scale ``alpha / rank``."""

@@ -37,8 +37,9 @@ class BatchedTensors:
 
 
 class PipelineFacts:
-    """Model facts every adapter reads off its diffusers ``pipeline`` the same way: the denoiser (``transformer``;
-    the UNet adapter overrides it), the device it sits on and the VAE's pixels per latent cell."""
+    """What every adapter does the same way on its diffusers ``pipeline``: the model facts (the denoiser
+    ``transformer`` — the UNet adapter overrides it —, its device, the VAE's pixels per latent cell), the image-input
+    check of ``encode_images``, and the policy plumbing (LoRA, full fine-tuning, the reference policy)."""
 
     @property
     def transformer(self):
@@ -51,6 +52,42 @@ class PipelineFacts:
     @property
     def vae_scale_factor(self) -> int:
         return self.pipeline.vae_scale_factor
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """Refuse an ``encode_images`` input that is not ``[B, 3, H, W]`` floats in [0, 1] of a size the adapter's
+        :meth:`latent_shape` accepts.
+
+        Raises:
+            ValueError: naming what is wrong.
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+        if images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
+            raise ValueError("images must be floats in [0, 1]")
+        self.latent_shape(images.shape[2], images.shape[3])  # size check
+
+    def add_lora(self, rank: int, alpha: float, target_modules: list[str] | None = None,
+                 init_seed: int = 0) -> list[torch.nn.Parameter]:
+        """Attach a peft LoRA adapter (named ``"default"``; Gaussian A, zero B, so the adapted model starts equal to
+        the base) to the denoiser on ``target_modules`` (default: the adapter's ``lora_target_modules``) and return
+        its trainable parameters. The reference policy is the same denoiser with the adapter disabled
+        (:meth:`reference`), so no copy of the base weights is kept.
+
+        Raises:
+            ValueError (from peft): if no module matches ``target_modules``.
+        """
+        return attach_lora(self.transformer, rank, alpha, list(target_modules or self.lora_target_modules), init_seed)
+
+    def add_full_finetune(self, modules: list[str] | None = None,
+                          keep_reference: bool = True) -> list[torch.nn.Parameter]:
+        """Make the denoiser's own weights trainable (float32 master weights), optionally keeping a frozen copy as
+        the reference policy; see :func:`unfreeze_full`."""
+        return unfreeze_full(self, modules, keep_reference)
+
+    def reference(self):
+        """Context manager in which the denoiser is the reference policy: LoRA disabled, or under full fine-tuning
+        the frozen copy of the initial weights (:func:`reference_policy`)."""
+        return reference_policy(self)
 
 
 @dataclass
@@ -229,11 +266,7 @@ class SD3Adapter(PipelineFacts):
             ValueError: not ``[B, 3, H, W]``, values outside [0, 1], or a size that is not a multiple of
                 ``vae_scale_factor × patch_size`` (see :meth:`latent_shape`).
         """
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
-        if images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
-            raise ValueError("images must be floats in [0, 1]")
-        self.latent_shape(images.shape[2], images.shape[3])  # size check
+        self.check_images(images)
         vae = self.pipeline.vae
         dist = vae.encode(images.to(self.device, vae.dtype) * 2 - 1).latent_dist
         z = dist.mean if generator is None else dist.sample(generator)
@@ -241,25 +274,6 @@ class SD3Adapter(PipelineFacts):
         return ((z.float() - shift) * vae.config.scaling_factor).float()
 
     # -- LoRA ----------------------------------------------------------------------------------------------------
-    def add_lora(self, rank: int, alpha: float, target_modules: list[str] | None = None, init_seed: int = 0) -> list[torch.nn.Parameter]:
-        """Attach a peft LoRA adapter (named ``"default"``) to the transformer; returns its trainable parameters.
-
-        The reference policy is the same transformer with the adapter disabled (:meth:`reference`), so no copy of
-        the base weights is kept.
-        """
-        return attach_lora(self.transformer, rank, alpha, list(target_modules or self.lora_target_modules), init_seed)
-
-    def add_full_finetune(self, modules: list[str] | None = None,
-                          keep_reference: bool = True) -> list[torch.nn.Parameter]:
-        """Make the transformer's own weights trainable (float32 master weights), optionally keeping a frozen copy as
-        the reference policy; see :func:`unfreeze_full`."""
-        return unfreeze_full(self, modules, keep_reference)
-
-    def reference(self):
-        """Context manager in which the transformer is the reference policy: LoRA disabled, or under full
-        fine-tuning the frozen copy of the initial transformer (:func:`reference_policy`)."""
-        return reference_policy(self)
-
     def save_lora(self, directory: str | os.PathLike) -> None:
         """Save the LoRA so that ``StableDiffusion3Pipeline.load_lora_weights(directory)`` loads it."""
         from diffusers import StableDiffusion3Pipeline

@@ -65,7 +65,7 @@ from typing import Literal
 
 import torch
 
-from flowrl.models.sd3 import BatchedTensors, PipelineFacts, attach_lora, reference_policy, resolve_model_path, unfreeze_full
+from flowrl.models.sd3 import BatchedTensors, PipelineFacts, attach_lora, resolve_model_path
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -545,11 +545,7 @@ class UNetAdapter(PipelineFacts):
         Raises:
             ValueError: not ``[B, 3, H, W]``, values outside [0, 1], or a size :meth:`latent_shape` rejects.
         """
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
-        if images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
-            raise ValueError("images must be floats in [0, 1]")
-        self.latent_shape(images.shape[2], images.shape[3])
+        self.check_images(images)
         vae = self.pipeline.vae
         dist = vae.encode(images.to(self.device, vae.dtype) * 2 - 1).latent_dist
         z = dist.mean if generator is None else dist.sample(generator)
@@ -571,17 +567,6 @@ class UNetAdapter(PipelineFacts):
             ".".join(n.split(".")[-2:]) for n, _ in self.unet.named_modules()}
         present = [m for m in targets if m in names]
         return attach_lora(self.unet, rank, alpha, present or targets, init_seed)
-
-    def add_full_finetune(self, modules: list[str] | None = None,
-                          keep_reference: bool = True) -> list[torch.nn.Parameter]:
-        """Make the UNet's own weights trainable (float32 master weights), optionally keeping a frozen copy as the
-        reference policy; see :func:`flowrl.models.sd3.unfreeze_full`."""
-        return unfreeze_full(self, modules, keep_reference)
-
-    def reference(self):
-        """Context manager in which the UNet is the reference policy: LoRA disabled, or under full fine-tuning the
-        frozen copy of the initial UNet (:func:`flowrl.models.sd3.reference_policy`)."""
-        return reference_policy(self)
 
     def save_lora(self, directory: str | os.PathLike) -> None:
         """Save the LoRA so that ``StableDiffusionPipeline.load_lora_weights(directory)`` loads it (adapter config as
