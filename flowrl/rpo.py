@@ -546,22 +546,15 @@ class RPOUpdater:
             rank has a pair.
         """
         from flowrl.core.dpo import diffusion_dpo_loss, dpo_noisy_pair
-        from flowrl.trainer import forward_process_draws, sample_seed
+        from flowrl.trainer import pair_draws
 
         tr, cfg, a = self.tr, self.tr.cfg, self.tr.cfg.algorithm
         adapter, dev, world = tr.adapter, tr.acc.device, tr.acc.num_processes
         n, k = x0_gen.shape[0], a.inner_epochs
         shape = tuple(x0_gen.shape[1:])
         pmb = max(1, cfg.trainer.micro_batch // 2)  # pairs per forward: micro_batch images
-        sig_all, eps_all = torch.zeros(n, k), torch.zeros(n, k, *shape)
-        for i, sid in enumerate(sample_ids):
-            g = torch.Generator().manual_seed(sample_seed(cfg.trainer.seed, epoch, RPO_SEED_OFFSET + int(sid)))
-            sig_all[i], eps_all[i] = forward_process_draws(g, k, shape)
-        cache: dict[str, object] = {}
-        uniq = list(dict.fromkeys(prompts))
-        for j in range(0, len(uniq), max(1, cfg.trainer.micro_batch)):
-            enc = adapter.encode(uniq[j : j + cfg.trainer.micro_batch])
-            cache.update({p: enc[q : q + 1] for q, p in enumerate(uniq[j : j + cfg.trainer.micro_batch])})
+        sig_all, eps_all = pair_draws(cfg.trainer.seed, epoch, RPO_SEED_OFFSET, sample_ids, k, shape)
+        cache = tr.encode_unique(prompts)
         names = ("rpo_loss", "rpo_pref_loss", "rpo_recon_loss", "rpo_implicit_acc", "rpo_reward_margin",
                  "rpo_err_gen")
         sums = torch.zeros(len(names) + 1, dtype=torch.float64)  # the last entry counts pair draws

@@ -156,6 +156,22 @@ def forward_process_draws(generator: torch.Generator, k: int, shape: tuple[int, 
     return sig, eps
 
 
+def pair_draws(seed: int, epoch: int, offset: int, keys, k: int, shape: tuple[int, ...]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward-process draws of preference pairs (Flow-DPO, RPO): for pair ``i`` a generator seeded by
+    ``(seed, epoch, offset + keys[i])`` gives ``k`` logit-normal σ and ``k`` noises (:func:`forward_process_draws`),
+    one per inner epoch, shared by both sides of the pair; rank- and micro-batch-independent.
+
+    Returns:
+        ``σ [P, k]`` in (0, 1) and ``ε [P, k, *shape]``.
+    """
+    sig_all, eps_all = torch.zeros(len(keys), k), torch.zeros(len(keys), k, *shape)
+    for i, key in enumerate(keys):
+        g = torch.Generator().manual_seed(sample_seed(seed, epoch, offset + int(key)))
+        sig_all[i], eps_all[i] = forward_process_draws(g, k, shape)
+    return sig_all, eps_all
+
+
 def offline_pair_order(seed: int, epoch: int, pairs_per_epoch: int, n_pairs: int) -> list[int]:
     """Indices into an offline pairs file of the ``pairs_per_epoch`` pairs trained at ``epoch``.
 
@@ -989,6 +1005,17 @@ class Trainer:
         return (encode([p.chosen for p in chosen]), encode([p.rejected for p in chosen]),
                 [p.prompt for p in chosen], keys, n_pairs)
 
+    def encode_unique(self, prompts: list[str]) -> dict[str, object]:
+        """Each distinct prompt of ``prompts`` encoded once (in micro-batches of ``trainer.micro_batch``): prompt →
+        its ``[1, ...]`` embeddings, so pairs that share a prompt share one encoding."""
+        mb = max(1, self.cfg.trainer.micro_batch)
+        cache: dict[str, object] = {}
+        uniq = list(dict.fromkeys(prompts))
+        for j in range(0, len(uniq), mb):
+            enc = self.adapter.encode(uniq[j : j + mb])
+            cache.update({p: enc[q : q + 1] for q, p in enumerate(uniq[j : j + mb])})
+        return cache
+
     def update_dpo(self, x0_w: torch.Tensor, x0_l: torch.Tensor, prompts: list[str], keys: list[int],
                    epoch: int) -> dict[str, float]:
         """Flow-DPO update: Diffusion-DPO (Wallace et al. 2023, arXiv 2311.12908, Eq. 14) on velocity errors.
@@ -1025,15 +1052,8 @@ class Trainer:
         n, k = x0_w.shape[0], a.inner_epochs
         shape = tuple(x0_w.shape[1:])
         pmb = max(1, cfg.trainer.micro_batch // 2)  # pairs per forward: micro_batch images
-        sig_all, eps_all = torch.zeros(n, k), torch.zeros(n, k, *shape)
-        for i, key in enumerate(keys):
-            g = torch.Generator().manual_seed(sample_seed(cfg.trainer.seed, epoch, DPO_SEED_OFFSET + int(key)))
-            sig_all[i], eps_all[i] = forward_process_draws(g, k, shape)
-        cache: dict[str, object] = {}
-        uniq = list(dict.fromkeys(prompts))
-        for j in range(0, len(uniq), max(1, cfg.trainer.micro_batch)):
-            enc = self.adapter.encode(uniq[j : j + cfg.trainer.micro_batch])
-            cache.update({p: enc[q : q + 1] for q, p in enumerate(uniq[j : j + cfg.trainer.micro_batch])})
+        sig_all, eps_all = pair_draws(cfg.trainer.seed, epoch, DPO_SEED_OFFSET, keys, k, shape)
+        cache = self.encode_unique(prompts)
         parts = np.array_split(np.arange(n), cfg.trainer.optimizer_steps_per_epoch)
         names = ("dpo_loss", "dpo_implicit_acc", "dpo_reward_margin", "dpo_chosen_reward", "dpo_rejected_reward",
                  "dpo_err_w", "dpo_err_l")
