@@ -929,15 +929,16 @@ class Trainer:
         """
         a = self.cfg.algorithm
         neg = self.adapter.negative(x_t.shape[0])
-        v_c = self.adapter.velocity(x_t, sigma, cond, 1.0)
         drift = None
-        if a.nft_uncond_anchor > 0:
-            v_u = self.adapter.velocity(x_t, sigma, neg, 1.0)
+        if a.nft_uncond_anchor > 0:  # both branches need a graph: one batched forward over [uncond; cond]
+            v_u, v_c = self.adapter.velocity(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]),
+                                             type(cond).cat([neg, cond]), 1.0).chunk(2)
             with torch.no_grad(), self.adapter.reference():
                 v_ref = self.adapter.velocity(x_t, sigma, neg, 1.0)
             drift = (v_u - v_ref).pow(2).flatten(1).mean(1)
             v_u = v_u.detach()
         else:
+            v_c = self.adapter.velocity(x_t, sigma, cond, 1.0)
             with torch.no_grad():
                 v_u = self.adapter.velocity(x_t, sigma, neg, 1.0)
         return v_u + a.nft_guidance_scale * (v_c - v_u), drift
