@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import time
@@ -36,13 +37,25 @@ import torch.nn.functional as F
 from flowrl.shapes.prompts import sample_caption
 from flowrl.models.tiny_sd3 import T5_LENGTHS, T5_PROBS, VAE_CONFIG, build_pipeline, t5_stub
 from flowrl.shapes.render import BACKGROUND, render_scene, scene_for_metadata
+from flowrl.shapes.text import make_text_splits, sample_text_caption
 
 
+@functools.lru_cache(maxsize=1)
+def _text_pretrain_records() -> list[dict]:
+    return make_text_splits()["pretrain"]
 
-def scene_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str]]:
-    """``n`` random captioned scenes: images ``[n, 3, 64, 64]`` in [-1, 1] and their captions."""
+
+def scene_batch(rng: np.random.Generator, n: int, text_fraction: float = 0.0) -> tuple[torch.Tensor, list[str]]:
+    """``n`` random captioned scenes: images ``[n, 3, 64, 64]`` in [-1, 1] and their captions. With
+    ``text_fraction`` > 0, that fraction (in expectation) are text scenes (:mod:`flowrl.shapes.text`) captioned by the
+    pretraining split of the OCR prompts."""
     imgs, caps = [], []
     for _ in range(n):
+        if text_fraction > 0 and rng.random() < text_fraction:
+            img, cap = sample_text_caption(rng, _text_pretrain_records())
+            imgs.append(img)
+            caps.append(cap)
+            continue
         md = sample_caption(rng)
         imgs.append(render_scene(scene_for_metadata(md, rng)))
         caps.append(md["prompt"])
@@ -55,7 +68,7 @@ def train_vae(args) -> None:
 
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    vae = AutoencoderKL(**VAE_CONFIG)
+    vae = AutoencoderKL.from_pretrained(args.vae_init) if args.vae_init else AutoencoderKL(**VAE_CONFIG)
     print(f"VAE parameters: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M", flush=True)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -63,13 +76,17 @@ def train_vae(args) -> None:
     bg = torch.tensor(BACKGROUND).view(1, 3, 1, 1) / 127.5 - 1
     out = Path(args.work_dir) / "vae"
     t0 = time.time()
-    for step in range(1, args.vae_steps + 1):
-        x, _ = scene_batch(rng, args.vae_batch)
+    last = min(args.vae_steps, args.stop_after or args.vae_steps)
+    for step in range(1, last + 1):
+        x, _ = scene_batch(rng, args.vae_batch, args.text_fraction)
         post = vae.encode(x).latent_dist
         z = post.sample()
         rec = vae.decode(z).sample
         # Objects cover ~10 % of the pixels; weight them (and their anti-aliased edges) 5× so shapes train first.
         w = 1 + 4 * ((x - bg).abs().amax(1, keepdim=True) > 0.02).float()
+        if args.edge_weight:  # text strokes: weight pixels that differ from their 3×3 neighbourhood mean
+            edge = (x - F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)).abs().amax(1, keepdim=True) > 0.05
+            w = w + args.edge_weight * edge.float()
         err = rec - x
         loss_rec = (w * (err.abs() + err.square())).mean()
         loss_kl = post.kl().mean() / x[0].numel()
@@ -82,23 +99,30 @@ def train_vae(args) -> None:
         if step % 50 == 0:
             print(f"vae step {step}/{args.vae_steps} loss {loss_rec.item():.4f} kl {loss_kl.item():.3f} "
                   f"lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s", flush=True)
-        if step % 500 == 0 or step == args.vae_steps:
+        if step % 500 == 0 or step == last:
             vae.save_pretrained(out)
-    # Latent statistics → SD3-style shift/scale so that (z - shift) * scale has zero mean, unit variance.
-    with torch.no_grad():
-        zs = torch.cat([vae.encode(scene_batch(rng, 64)[0]).latent_dist.mean for _ in range(8)])
-    shift, scale = zs.mean().item(), 1.0 / zs.std().item()
-    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    shift, scale = latent_statistics(vae, rng, args.text_fraction)
     vae.save_pretrained(out)
     print(f"VAE done in {time.time() - t0:.0f}s; shift_factor {shift:.4f} scaling_factor {scale:.4f}", flush=True)
 
 
 @torch.no_grad()
-def latent_pool(vae, rng: np.random.Generator, n: int, batch: int = 256) -> tuple[torch.Tensor, list[str]]:
+def latent_statistics(vae, rng: np.random.Generator, text_fraction: float = 0.0) -> tuple[float, float]:
+    """Measure SD3-style ``shift_factor`` / ``scaling_factor`` on 512 fresh scenes, so that ``(z - shift) * scale``
+    has zero mean and unit variance, and write them into ``vae.config``. Returns ``(shift, scale)``."""
+    zs = torch.cat([vae.encode(scene_batch(rng, 64, text_fraction)[0]).latent_dist.mean for _ in range(8)])
+    shift, scale = zs.mean().item(), 1.0 / zs.std().item()
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    return shift, scale
+
+
+@torch.no_grad()
+def latent_pool(vae, rng: np.random.Generator, n: int, batch: int = 256,
+                text_fraction: float = 0.0) -> tuple[torch.Tensor, list[str]]:
     """Encode ``n`` captioned scenes once: normalised latents ``[n, 4, 16, 16]`` (posterior mean) and captions."""
     zs, caps = [], []
     for i in range(0, n, batch):
-        x, c = scene_batch(rng, min(batch, n - i))
+        x, c = scene_batch(rng, min(batch, n - i), text_fraction)
         z = vae.encode(x).latent_dist.mean
         zs.append((z - vae.config.shift_factor) * vae.config.scaling_factor)
         caps += c
@@ -125,6 +149,27 @@ def quick_eval(pipe, metadata: list[dict], steps: int = 20, cfg: float = 4.5, se
     return score_records(recs)
 
 
+def quick_ocr_eval(pipe, metadata: list[dict], steps: int = 20, cfg: float = 4.5, seed: int = 0) -> dict:
+    """Held-out OCR accuracy of the current weights (1 image per prompt, ODE sampler, the ``ocr`` reward with
+    detection): mean reward and exact-match rate per tag."""
+    from flowrl_rewards.ocr import OCRReward
+
+    ocr, rows = OCRReward(), []
+    for i in range(0, len(metadata), 32):
+        chunk = metadata[i : i + 32]
+        gens = [torch.Generator().manual_seed(seed + i + k) for k in range(len(chunk))]
+        imgs = pipe([m["prompt"] for m in chunk], num_inference_steps=steps, guidance_scale=cfg, generator=gens,
+                    height=64, width=64, max_sequence_length=0, output_type="np").images
+        out = ocr((imgs * 255).round().astype(np.uint8), [m["prompt"] for m in chunk], chunk)
+        rows += [(m["tag"], r, e) for m, r, e in zip(chunk, out["reward"], out["exact"])]
+    res = {}
+    for tag in sorted({r[0] for r in rows}) + ["overall"]:
+        sel = [r for r in rows if tag in ("overall", r[0])]
+        res[tag] = {"reward": round(float(np.mean([r[1] for r in sel])), 3),
+                    "exact": round(float(np.mean([r[2] for r in sel])), 3)}
+    return res
+
+
 def train_transformer(args) -> None:
     from flowrl.shapes.prompts import split_metadata
 
@@ -147,6 +192,17 @@ def train_transformer(args) -> None:
     else:
         z_all, caps_all = latent_pool(pipe.vae, rng, args.pool)
         torch.save((z_all, caps_all), cache)
+    n_shapes = len(caps_all)
+    if args.text_fraction > 0:  # a second pool of text scenes, drawn with probability --text-fraction
+        cache = work / f"latent_pool_text_{args.text_pool}_seed{args.seed}.pt"
+        if cache.is_file():
+            z_text, caps_text = torch.load(cache)
+        else:
+            z_text, caps_text = latent_pool(pipe.vae, np.random.default_rng(args.seed + 4), args.text_pool,
+                                            text_fraction=1.0)
+            torch.save((z_text, caps_text), cache)
+        z_all, caps_all = torch.cat([z_all, z_text]), caps_all + caps_text
+    text_test = make_text_splits()["test"] if args.text_fraction > 0 else None
     rng = np.random.default_rng(args.seed + 3)  # training-loop randomness, independent of whether the pool was cached
     ema = copy.deepcopy(modules).requires_grad_(False)
     opt = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
@@ -158,7 +214,11 @@ def train_transformer(args) -> None:
     t0 = time.time()
     last = min(total, args.stop_after or total)
     for step in range(1, last + 1):
-        idx = torch.randint(len(caps_all), (args.batch,), generator=gen)
+        idx = torch.randint(n_shapes, (args.batch,), generator=gen)
+        if args.text_fraction > 0:
+            is_text = torch.rand(args.batch, generator=gen) < args.text_fraction
+            idx_text = n_shapes + torch.randint(len(caps_all) - n_shapes, (args.batch,), generator=gen)
+            idx = torch.where(is_text, idx_text, idx)
         x0 = z_all[idx]
         caps = ["" if rng.random() < args.caption_dropout else caps_all[i] for i in idx.tolist()]
         n_t5 = int(rng.choice(T5_LENGTHS, p=T5_PROBS))
@@ -187,8 +247,11 @@ def train_transformer(args) -> None:
         if step % args.eval_every == 0 or step == last:
             save_ema(pipe, ema, modules, work / "ema")
             try:
-                evaluation = quick_eval(_load(work / "ema"), held_out)
+                ema_pipe = _load(work / "ema")
+                evaluation = quick_eval(ema_pipe, held_out)
                 print(f"eval step {step}: " + json.dumps(evaluation), flush=True)
+                if text_test is not None:
+                    print(f"ocr eval step {step}: " + json.dumps(quick_ocr_eval(ema_pipe, text_test)), flush=True)
             except ImportError as e:  # the detector may not exist yet while the package is being built
                 print(f"eval skipped: {e}", flush=True)
     print(f"transformer done in {time.time() - t0:.0f}s", flush=True)
@@ -238,7 +301,13 @@ def main() -> None:
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4)
+    p.add_argument("--vae-init", default=None, help="fine-tune this AutoencoderKL folder instead of a fresh VAE")
+    p.add_argument("--edge-weight", type=float, default=0.0,
+                   help="extra reconstruction weight on edge pixels (text strokes); 0 = the original loss")
+    p.add_argument("--text-fraction", type=float, default=0.0,
+                   help="fraction of text scenes (signs with a word, flowrl.shapes.text) in VAE and transformer data")
     p.add_argument("--pool", type=int, default=40_000, help="number of pre-encoded scenes")
+    p.add_argument("--text-pool", type=int, default=20_000, help="number of pre-encoded text scenes")
     p.add_argument("--steps", type=int, default=5_000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -246,7 +315,7 @@ def main() -> None:
     p.add_argument("--init-from", default=None,
                    help="continue from this pipeline folder's transformer/text encoders (e.g. assets/shapes-sd3)")
     p.add_argument("--stop-after", type=int, default=0,
-                   help="end after this step (the learning-rate schedule is still the one of --steps)")
+                   help="end after this step (the learning-rate schedule is still the one of --steps / --vae-steps)")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--eval-every", type=int, default=2000)
