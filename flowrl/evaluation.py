@@ -79,15 +79,29 @@ def group_diversity(images: np.ndarray, group_ids) -> float:
 
 
 def summarize(records: list[dict]) -> dict:
-    """GenEval-style summary when records carry ``tag``/``strict`` (per-task strict accuracy, overall = mean of tasks,
-    % correct images and prompts, mean partial credit: the ``partial`` column if present, else ``reward``); otherwise the mean of every numeric column."""
+    """Summary of per-image records.
+
+    GenEval-style when records carry ``tag``/``strict``: per-task strict accuracy, overall = mean of tasks, % correct
+    images and prompts, mean partial credit (the ``partial`` column if present, else ``reward``). Otherwise (OCR,
+    preference rewards): the mean of every numeric reward column (not ``prompt_index`` / ``image_index``),
+    ``overall`` = the mean ``reward`` column, and, when records carry more than one ``tag``, ``by_tag``:
+    ``{tag: {column: mean}}`` (e.g. the OCR file's ``ocr`` / ``ocr_new_word`` prompts).
+    """
     from flowrl.geneval.scoring import score_records
 
     if records and "strict" in records[0] and "tag" in records[0]:
         return score_records([{"prompt": r["prompt"], "tag": r["tag"], "correct": bool(r["strict"]),
                                "partial": float(r.get("partial", r["reward"]))} for r in records])
-    keys = [k for k, v in records[0].items() if isinstance(v, (int, float))] if records else []
-    return {k: float(np.mean([r[k] for r in records])) for k in keys}
+    keys = ([k for k, v in records[0].items() if isinstance(v, (int, float)) and k not in _INDEX_COLUMNS]
+            if records else [])
+    out = {k: float(np.mean([r[k] for r in records])) for k in keys}
+    if "reward" in out:
+        out["overall"] = out["reward"]
+    tags = sorted({str(r.get("tag", "")) for r in records})
+    if len(tags) > 1:
+        out["by_tag"] = {t: {k: float(np.mean([r[k] for r in records if str(r.get("tag", "")) == t])) for k in keys}
+                         for t in tags}
+    return out
 
 
 def run_summary(records: list[dict], images_per_prompt: int, steps: int, guidance_scale: float, seed: int) -> dict:
@@ -393,4 +407,7 @@ def markdown_table(summaries: dict[str, dict]) -> str:
     keys = [k for k, v in first.items() if isinstance(v, float)]
     lines = ["| metric | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     lines += [f"| {k} | " + " | ".join(f"{summaries[l][k]:.4f}" for l in labels) + " |" for k in keys]
+    for tag, cols in first.get("by_tag", {}).items():
+        lines += [f"| {k} · {tag} | " + " | ".join(f"{summaries[l].get('by_tag', {}).get(tag, {}).get(k, float('nan')):.4f}"
+                                                   for l in labels) + " |" for k in cols]
     return "\n".join(lines) + "\n"

@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_report(out, report_models, {k: s["benchmark"] for k, s in summaries.items()}, settings=settings,
                  base="base" if not a.no_base else None, comparison=not single,
                  title=f"Benchmark evaluation: {prompt_set.path.name}")
-    key = "overall" if "overall" in next(iter(summaries.values())) else "reward"
+    key = "overall" if prompt_set.kind == "geneval" else "reward"
     if single:
         s = summaries[models[0]["label"]]
         print((out / "summary.md").read_text())

@@ -46,6 +46,14 @@ def test_summaries_and_grid(tmp_path):
     assert s["tasks"] == {"colors": 0.5, "counting": 0.0} and s["overall"] == 0.25
     assert s["correct_prompts"] == 0.5 and abs(s["partial"] - 0.5) < 1e-9
     assert "| colors | 0.500 | 0.500 |" in markdown_table({"x": s, "y": s})
+    ocr = [{"prompt": "x", "tag": "ocr", "prompt_index": 0, "image_index": 0, "reward": 1.0, "exact": 1.0},
+           {"prompt": "x", "tag": "ocr", "prompt_index": 0, "image_index": 1, "reward": 0.5, "exact": 0.0},
+           {"prompt": "y", "tag": "ocr_new_word", "prompt_index": 1, "image_index": 0, "reward": 0.0, "exact": 0.0}]
+    s = summarize(ocr)  # a non-GenEval reward: overall = mean reward, per-tag means, no index columns
+    assert s["overall"] == s["reward"] == 0.5 and s["exact"] == 1 / 3 and "prompt_index" not in s
+    assert s["by_tag"] == {"ocr": {"reward": 0.75, "exact": 0.5}, "ocr_new_word": {"reward": 0.0, "exact": 0.0}}
+    assert "| exact · ocr_new_word | 0.0000 |" in markdown_table({"x": s})
+    assert "by_tag" not in summarize(ocr[:2])
     path = save_grid(np.zeros((5, 8, 8, 3), np.uint8), tmp_path / "g.png", ncol=2, scale=1)
     from PIL import Image
 
