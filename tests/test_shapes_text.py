@@ -46,7 +46,7 @@ def test_splits_are_disjoint_and_tagged():
     assert not test_prompts & {r["prompt"] for r in sp["pretrain"]}
     assert {r["prompt"] for r in sp["train"]} <= {r["prompt"] for r in sp["pretrain"]}
     assert {r["text"] for r in sp["train"]} == set(RL_WORDS) and not set(HELDOUT_WORDS) & set(RL_WORDS)
-    assert {r["text"] for r in sp["test"]} == set(WORDS) and len(sp["test"]) == 2 * len(WORDS)
+    assert {r["text"] for r in sp["test"]} == set(WORDS) and len(sp["test"]) == 4 * len(WORDS)
     for r in sp["test"]:
         assert r["tag"] == ("ocr_new_word" if r["text"] in HELDOUT_WORDS else "ocr")
         assert target_text(r["prompt"]) == r["text"] == target_text("", r)

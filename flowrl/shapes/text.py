@@ -26,16 +26,15 @@ from PIL import Image, ImageDraw, ImageFont
 
 from flowrl.shapes.render import BACKGROUND, COLORS, IMAGE_SIZE, SUPERSAMPLE
 
-# 60 common 3–4 letter words, each one token of the CLIP BPE (so the text encoder sees the word, not its letters).
+# 24 common 3–4 letter words, each one token of the CLIP BPE (so the text encoder sees the word, not its letters).
+# The vocabulary is small on purpose: a 2.3 M-parameter MMDiT learns the glyphs of a word from its single token, and
+# with 60 words it had not learnt any after 1,500 steps (assets/README.md).
 WORDS: tuple[str, ...] = (
-    "CAT", "DOG", "SUN", "STOP", "OPEN", "FISH", "BOOK", "TREE", "MOON", "STAR", "HOME", "CAFE", "BUS", "CAR",
-    "HAT", "CUP", "MILK", "BAKE", "SALE", "EXIT", "PARK", "SHOP", "FOOD", "TAXI", "BAR", "INN", "GYM", "ZOO",
-    "BANK", "GOLD", "JAZZ", "KING", "LOVE", "WAVE", "FIRE", "SNOW", "RAIN", "WIND", "BEAR", "LION", "FROG", "DUCK",
-    "CAKE", "BIKE", "BOAT", "SHIP", "LAMP", "DOOR", "GATE", "ROAD", "HILL", "LAKE", "RUN", "JOY", "TOY", "BOX",
-    "KEY", "MAP", "PEN", "OWL",
+    "CAT", "DOG", "SUN", "STOP", "OPEN", "FISH", "BOOK", "TREE", "MOON", "STAR", "HOME", "CAFE",
+    "BUS", "CAR", "HAT", "CUP", "MILK", "SALE", "EXIT", "PARK", "SHOP", "FOOD", "TAXI", "ZOO",
 )
-# RL never trains on these (every fifth word); the held-out file tags their prompts ``ocr_new_word``.
-HELDOUT_WORDS: tuple[str, ...] = WORDS[4::5]
+# RL never trains on these (every fourth word); the held-out file tags their prompts ``ocr_new_word``.
+HELDOUT_WORDS: tuple[str, ...] = WORDS[3::4]
 RL_WORDS: tuple[str, ...] = tuple(w for w in WORDS if w not in HELDOUT_WORDS)
 # Text colour per sign colour: white on dark signs, black on light ones.
 TEXT_COLOR: dict[str, str] = {
@@ -157,7 +156,7 @@ def text_prompts(words: tuple[str, ...] = WORDS) -> list[dict]:
     return out
 
 
-def make_text_splits(seed: int = 0, test_per_word: int = 2) -> dict[str, list[dict]]:
+def make_text_splits(seed: int = 0, test_per_word: int = 4) -> dict[str, list[dict]]:
     """Disjoint prompt splits of the text domain.
 
     Returns:
