@@ -2,7 +2,7 @@
 
 A text scene is one rectangular sign of a colour from :data:`~flowrl.shapes.render.COLORS` with one upper-case word
 of :data:`WORDS` centred on it in white or black (whichever contrasts with the sign, :data:`TEXT_COLOR`), on the grey
-background of the shapes domain, drawn at 4× resolution and box-filtered to 64×64 like the shape scenes. The font
+background of the shapes domain, near the image centre (:data:`MAX_JITTER`), drawn at 4× resolution and box-filtered to 64×64 like the shape scenes. The font
 is Pillow's bundled scalable font (``ImageFont.load_default(size=...)``, Aileron Regular; needs Pillow built with
 FreeType, as every PyPI wheel is), so rendering needs no system fonts.
 
@@ -27,8 +27,8 @@ from PIL import Image, ImageDraw, ImageFont
 from flowrl.shapes.render import BACKGROUND, COLORS, IMAGE_SIZE, SUPERSAMPLE
 
 # 24 common 3–4 letter words, each one token of the CLIP BPE (so the text encoder sees the word, not its letters).
-# The vocabulary is small on purpose: a 2.3 M-parameter MMDiT learns the glyphs of a word from its single token, and
-# with 60 words it had not learnt any after 1,500 steps (assets/README.md).
+# The vocabulary is small on purpose: a 2.3 M-parameter MMDiT must learn the glyphs of a word from its single token
+# (with 60 words it had learnt none after 1,500 steps, assets/README.md).
 WORDS: tuple[str, ...] = (
     "CAT", "DOG", "SUN", "STOP", "OPEN", "FISH", "BOOK", "TREE", "MOON", "STAR", "HOME", "CAFE",
     "BUS", "CAR", "HAT", "CUP", "MILK", "SALE", "EXIT", "PARK", "SHOP", "FOOD", "TAXI", "ZOO",
@@ -47,6 +47,9 @@ TEMPLATES_PLAIN = ('a sign that says "{w}"', 'a sign with the word "{w}"')
 FONT_SIZE = 18          # px at IMAGE_SIZE (cap height ≈ 13 px)
 MAX_TEXT_WIDTH = 55     # px: longer words are drawn with a smaller font so that the sign fits
 PAD_X, PAD_Y = 3, 2     # px of sign around the text
+# px: signs are centred up to this offset. Anywhere in the image, the tiny model had learnt sign size and colour but
+# no legible glyph after 2,500 steps (assets/README.md); near the centre each word is a few fixed glyph patterns.
+MAX_JITTER = 4.0
 
 
 @dataclass(frozen=True)
@@ -124,9 +127,11 @@ def render_text_scene(signs: list[TextSign], image_size: int = IMAGE_SIZE) -> np
     return np.asarray(img, dtype=np.uint8).copy()
 
 
-def sign_for_metadata(metadata: dict, rng: np.random.Generator, image_size: int = IMAGE_SIZE) -> TextSign:
+def sign_for_metadata(metadata: dict, rng: np.random.Generator, image_size: int = IMAGE_SIZE,
+                      jitter: float = MAX_JITTER) -> TextSign:
     """A random sign satisfying an OCR metadata record: its ``text``, its ``color`` (random when ``None``), a font
-    size between 90 % and 100 % of the fitted size, and a random position with the whole sign inside the image.
+    size between 90 % and 100 % of the fitted size, and its centre within ``jitter`` px of the image centre (kept
+    so that the whole sign is inside the image).
 
     Raises:
         ValueError: the record has no ``text``, or the text cannot fit in the image.
@@ -140,8 +145,9 @@ def sign_for_metadata(metadata: dict, rng: np.random.Generator, image_size: int 
     half_w, half_h = w / 2 + PAD_X + 1, h / 2 + PAD_Y + 1
     if 2 * half_w > image_size or 2 * half_h > image_size:
         raise ValueError(f"text {word!r} does not fit a {image_size}px image")
-    cx = float(rng.uniform(half_w, image_size - half_w))
-    cy = float(rng.uniform(half_h, image_size - half_h))
+    c = image_size / 2
+    cx = float(np.clip(c + rng.uniform(-jitter, jitter), half_w, image_size - half_w))
+    cy = float(np.clip(c + rng.uniform(-jitter, jitter), half_h, image_size - half_h))
     return TextSign(word, color, cx, cy, size)
 
 
