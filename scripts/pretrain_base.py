@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from flowrl.shapes.prompts import sample_caption
-from flowrl.models.tiny_sd3 import T5_LENGTHS, T5_PROBS, VAE_CONFIG, build_pipeline, t5_stub
+from flowrl.models.tiny_sd3 import (CHAR_T5_LENGTH, T5_LENGTHS, T5_PROBS, VAE_CONFIG, build_pipeline, char_t5,
+                                     t5_stub)
 from flowrl.shapes.render import BACKGROUND, render_scene, scene_for_metadata
 from flowrl.shapes.text import make_text_splits, sample_text_caption
 
@@ -131,7 +132,8 @@ def latent_pool(vae, rng: np.random.Generator, n: int, batch: int = 256,
     return torch.cat(zs), caps
 
 
-def quick_eval(pipe, metadata: list[dict], steps: int = 20, cfg: float = 4.5, seed: int = 0) -> dict:
+def quick_eval(pipe, metadata: list[dict], steps: int = 20, cfg: float = 4.5, seed: int = 0,
+               max_sequence_length: int = 0) -> dict:
     """Held-out GenEval-style strict score of the current weights (1 image per prompt, ODE sampler)."""
     from flowrl.geneval.scoring import evaluate_strict, partial_credit, score_records
     from flowrl.shapes.detect import detect
@@ -141,7 +143,7 @@ def quick_eval(pipe, metadata: list[dict], steps: int = 20, cfg: float = 4.5, se
         chunk = metadata[i : i + 32]
         gens = [torch.Generator().manual_seed(seed + i + k) for k in range(len(chunk))]
         imgs = pipe([m["prompt"] for m in chunk], num_inference_steps=steps, guidance_scale=cfg, generator=gens,
-                    height=64, width=64, max_sequence_length=0, output_type="np").images
+                    height=64, width=64, max_sequence_length=max_sequence_length, output_type="np").images
         for m, im in zip(chunk, imgs):
             dets = detect((im * 255).round().astype(np.uint8))
             recs.append({"prompt": m["prompt"], "tag": m["tag"], "correct": evaluate_strict(m, dets)[0],
@@ -149,7 +151,8 @@ def quick_eval(pipe, metadata: list[dict], steps: int = 20, cfg: float = 4.5, se
     return score_records(recs)
 
 
-def quick_ocr_eval(pipe, metadata: list[dict], steps: int = 20, cfg: float = 4.5, seed: int = 0) -> dict:
+def quick_ocr_eval(pipe, metadata: list[dict], steps: int = 20, cfg: float = 4.5, seed: int = 0,
+                   max_sequence_length: int = 0) -> dict:
     """Held-out OCR accuracy of the current weights (1 image per prompt, ODE sampler, the ``ocr`` reward with
     detection): mean reward and exact-match rate per tag."""
     from flowrl_rewards.ocr import OCRReward
@@ -159,7 +162,7 @@ def quick_ocr_eval(pipe, metadata: list[dict], steps: int = 20, cfg: float = 4.5
         chunk = metadata[i : i + 32]
         gens = [torch.Generator().manual_seed(seed + i + k) for k in range(len(chunk))]
         imgs = pipe([m["prompt"] for m in chunk], num_inference_steps=steps, guidance_scale=cfg, generator=gens,
-                    height=64, width=64, max_sequence_length=0, output_type="np").images
+                    height=64, width=64, max_sequence_length=max_sequence_length, output_type="np").images
         out = ocr((imgs * 255).round().astype(np.uint8), [m["prompt"] for m in chunk], chunk)
         rows += [(m["tag"], r, e) for m, r, e in zip(chunk, out["reward"], out["exact"])]
     res = {}
@@ -177,12 +180,19 @@ def train_transformer(args) -> None:
     pipe = build_pipeline(work / "vae", work / "tokenizer", args.seed)
     pipe.set_progress_bar_config(disable=True)
     pipe.vae.requires_grad_(False)
-    modules = torch.nn.ModuleList([pipe.transformer, pipe.text_encoder, pipe.text_encoder_2])
+    names = ["transformer", "text_encoder", "text_encoder_2"]
+    n_seq = CHAR_T5_LENGTH if args.char_t5 else None  # T5-slot tokens: the character encoder's, else random zeros
+    if args.char_t5:  # a trainable character-level encoder in the T5 slot (flowrl.models.tiny_sd3.char_t5)
+        t5, t5_tok = char_t5(work / "tokenizer_3_char", args.seed)
+        pipe.register_modules(text_encoder_3=t5, tokenizer_3=t5_tok)
+        names.append("text_encoder_3")
+    modules = torch.nn.ModuleList([getattr(pipe, n) for n in names])
     if args.init_from:  # continued pretraining: start from a saved pipeline's (EMA) weights, fresh optimizer/schedule
-        init = _load(Path(args.init_from))
-        for name in ("transformer", "text_encoder", "text_encoder_2"):
-            getattr(pipe, name).load_state_dict(getattr(init, name).state_dict())
-        print(f"initialised transformer and text encoders from {args.init_from}", flush=True)
+        init = _load(Path(args.init_from), t5=_has_char_t5(Path(args.init_from)))
+        for name in names:
+            if getattr(init, name, None) is not None:
+                getattr(pipe, name).load_state_dict(getattr(init, name).state_dict())
+                print(f"initialised {name} from {args.init_from}", flush=True)
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
     print(f"transformer parameters: {n_params / 1e6:.2f} M", flush=True)
     rng = np.random.default_rng(args.seed + 1)
@@ -221,7 +231,7 @@ def train_transformer(args) -> None:
             idx = torch.where(is_text, idx_text, idx)
         x0 = z_all[idx]
         caps = ["" if rng.random() < args.caption_dropout else caps_all[i] for i in idx.tolist()]
-        n_t5 = int(rng.choice(T5_LENGTHS, p=T5_PROBS))
+        n_t5 = n_seq if n_seq is not None else int(rng.choice(T5_LENGTHS, p=T5_PROBS))
         emb, _, pooled, _ = pipe.encode_prompt(prompt=caps, prompt_2=None, prompt_3=None,
                                                do_classifier_free_guidance=False, max_sequence_length=n_t5)
         u = torch.sigmoid(torch.randn(args.batch, generator=gen))
@@ -247,11 +257,13 @@ def train_transformer(args) -> None:
         if step % args.eval_every == 0 or step == last:
             save_ema(pipe, ema, modules, work / "ema")
             try:
-                ema_pipe = _load(work / "ema")
-                evaluation = quick_eval(ema_pipe, held_out)
+                ema_pipe = _load(work / "ema", t5=args.char_t5)
+                seq = n_seq or 0
+                evaluation = quick_eval(ema_pipe, held_out, max_sequence_length=seq)
                 print(f"eval step {step}: " + json.dumps(evaluation), flush=True)
                 if text_test is not None:
-                    print(f"ocr eval step {step}: " + json.dumps(quick_ocr_eval(ema_pipe, text_test)), flush=True)
+                    print(f"ocr eval step {step}: " + json.dumps(quick_ocr_eval(ema_pipe, text_test,
+                                                                                 max_sequence_length=seq)), flush=True)
             except ImportError as e:  # the detector may not exist yet while the package is being built
                 print(f"eval skipped: {e}", flush=True)
     print(f"transformer done in {time.time() - t0:.0f}s", flush=True)
@@ -265,18 +277,27 @@ def save_ema(pipe, ema, modules, out: Path) -> None:
     with torch.no_grad():
         for p, pe in zip(modules.parameters(), ema.parameters()):
             p.copy_(pe)
-    t5, t5_tok = t5_stub(out.parent / "tokenizer_3")
-    comps = {**pipe.components, "text_encoder_3": t5, "tokenizer_3": t5_tok}
+    comps = dict(pipe.components)
+    if comps.get("text_encoder_3") is None:  # no trained T5-slot encoder: the zero-output stub (see tiny_sd3)
+        t5, t5_tok = t5_stub(out.parent / "tokenizer_3")
+        comps.update(text_encoder_3=t5, tokenizer_3=t5_tok)
     StableDiffusion3Pipeline(**comps).save_pretrained(out)
     with torch.no_grad():
         for p, b in zip(modules.parameters(), backup):
             p.copy_(b)
 
 
-def _load(path: Path):
+def _has_char_t5(path: Path) -> bool:
+    """Whether the pipeline folder's T5 slot holds a character-level encoder (``char_t5``), not the zero stub."""
+    cfg = path / "text_encoder_3" / "config.json"
+    return cfg.is_file() and json.loads(cfg.read_text()).get("num_layers", 1) > 1
+
+
+def _load(path: Path, t5: bool = False):
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
+    pipe = (StableDiffusion3Pipeline.from_pretrained(path) if t5 else
+            StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -307,6 +328,8 @@ def main() -> None:
     p.add_argument("--text-fraction", type=float, default=0.0,
                    help="fraction of text scenes (signs with a word, flowrl.shapes.text) in VAE and transformer data")
     p.add_argument("--pool", type=int, default=40_000, help="number of pre-encoded scenes")
+    p.add_argument("--char-t5", action="store_true",
+                   help="train a character-level encoder in the T5 slot (letters of quoted words, for text rendering)")
     p.add_argument("--text-pool", type=int, default=20_000, help="number of pre-encoded text scenes")
     p.add_argument("--steps", type=int, default=5_000)
     p.add_argument("--batch", type=int, default=64)

@@ -91,3 +91,62 @@ def test_real_ocr_reads_clean_sign_scenes(use_det):
     assert out["exact"].mean() >= 0.8
     shuffled = ocr(imgs, [r["prompt"] for r in recs[1:] + recs[:1]], recs[1:] + recs[:1])
     assert shuffled["reward"].mean() < 0.5
+
+
+def test_shipped_text_vae_reconstructs_signs_and_shapes():
+    """assets/shapes-vae-text (the shapes VAE fine-tuned on half sign scenes) keeps words readable and shapes
+    detectable through encode → decode; the shipped shapes VAE does not keep the words."""
+    pytest.importorskip("rapidocr", reason="install flowrl[ocr] (rapidocr + onnxruntime) for the OCR engine")
+    import torch
+    from diffusers import AutoencoderKL
+
+    from flowrl.geneval.scoring import evaluate_strict
+    from flowrl.shapes.detect import detect
+    from flowrl.shapes.prompts import split_metadata
+    from flowrl.shapes.render import render_scene, scene_for_metadata
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1] / "assets"
+    rng = np.random.default_rng(5)
+    recs = make_text_splits()["test"][::3]
+    signs = np.stack([render_text_scene([sign_for_metadata(r, rng)]) for r in recs])
+    shapes_md = split_metadata()[1][::4]
+    shapes = np.stack([render_scene(scene_for_metadata(m, rng)) for m in shapes_md])
+
+    def roundtrip(vae, imgs):
+        with torch.no_grad():
+            x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+            y = vae.decode(vae.encode(x).latent_dist.mean).sample
+        return ((y.permute(0, 2, 3, 1).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+
+    ocr = OCRReward()
+    prompts = [r["prompt"] for r in recs]
+    text_vae = AutoencoderKL.from_pretrained(root / "shapes-vae-text")
+    assert ocr(roundtrip(text_vae, signs), prompts, recs)["exact"].mean() >= 0.85  # measured 0.97
+    assert np.mean([evaluate_strict(m, detect(im))[0]
+                    for m, im in zip(shapes_md, roundtrip(text_vae, shapes))]) >= 0.9  # measured 0.99
+    shapes_vae = AutoencoderKL.from_pretrained(root / "shapes-sd3" / "vae")
+    assert ocr(roundtrip(shapes_vae, signs), prompts, recs)["exact"].mean() <= 0.5  # measured 0.28
+
+
+def test_char_t5_sees_the_letters_of_the_quoted_word(tmp_path):
+    """The character-level T5-slot encoder (tiny_sd3.char_t5) splits a quoted word into its letters, so "CAT" and
+    "COT" differ in exactly one input token (CLIP's BPE gives one token per word), and a tiny SD3 pipeline carrying it
+    appends its ``CHAR_T5_LENGTH`` token embeddings after the 16 CLIP tokens."""
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    from flowrl.models.tiny_sd3 import CHAR_T5_LENGTH, build_pipeline, char_t5
+
+    t5, tok = char_t5(tmp_path / "t5tok", seed=0)
+    cat, cot = tok('a sign that says "CAT"')["input_ids"], tok('a sign that says "COT"')["input_ids"]
+    assert tok.convert_ids_to_tokens(cat)[-6:] == ['"', "C", "A", "T", '"', "</s>"]
+    assert tok.unk_token_id not in cat and len(cat) == len(cot)
+    assert [i for i, (a, b) in enumerate(zip(cat, cot)) if a != b] == [len(cat) - 4]
+    pipe = build_pipeline(None, tmp_path / "tok", seed=0)
+    pipe = StableDiffusion3Pipeline(**{**pipe.components, "text_encoder_3": t5, "tokenizer_3": tok})
+    with torch.no_grad():
+        emb, _, _, _ = pipe.encode_prompt(prompt=['a sign that says "CAT"', 'a sign that says "COT"'], prompt_2=None,
+                                          prompt_3=None, do_classifier_free_guidance=False,
+                                          max_sequence_length=CHAR_T5_LENGTH)
+    assert emb.shape == (2, 16 + CHAR_T5_LENGTH, 48)
+    assert not torch.allclose(emb[0, 16:], emb[1, 16:])

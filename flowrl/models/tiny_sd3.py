@@ -64,6 +64,37 @@ def t5_stub(tokenizer_dir: Path):
     return t5, T5TokenizerFast.from_pretrained(tokenizer_dir)
 
 
+CHAR_T5_LENGTH = 56  # character tokens of the character-level T5 (domain prompts: ≤ 50 characters + </s>)
+CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789\"'.,-"
+
+
+def char_t5(tokenizer_dir: Path, seed: int = 0, num_layers: int = 2):
+    """A trainable character-level encoder for SD3's T5 slot (what character-aware text rendering uses: T5/ByT5 in
+    SD3 and Glyph-ByT5, Liu et al. 2022 "Character-Aware Models Improve Visual Text Rendering").
+
+    The tokenizer (a ``T5TokenizerFast`` over a Unigram model holding only single characters, case-sensitive, ``▁``
+    for spaces) splits every word into letters, so the MMDiT sees the letters of the quoted word — the CLIP BPE gives
+    it one token per word. ``T5EncoderModel``: ``d_model`` = the transformer's ``joint_attention_dim`` (48),
+    ``num_layers`` layers, 4 heads, relative position buckets (letter order). Returns ``(model, tokenizer)``.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)] + [(c, -1.0) for c in CHARS]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    t5_tok = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0)
+    t5_tok.model_max_length = CHAR_T5_LENGTH
+    t5_tok.save_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=TRANSFORMER_CONFIG["joint_attention_dim"], d_kv=12,
+                                 d_ff=96, num_layers=num_layers, num_heads=4, pad_token_id=0, eos_token_id=1,
+                                 relative_attention_num_buckets=16, relative_attention_max_distance=32))
+    return t5, T5TokenizerFast.from_pretrained(tokenizer_dir)
+
+
 def build_pipeline(vae_dir: Path | None, tokenizer_dir: Path, seed: int):
     """Fresh (random) transformer + two CLIP text encoders around the VAE in ``vae_dir`` (random if None), as a
     ``StableDiffusion3Pipeline`` without T5 (``text_encoder_3=None``: the pipeline feeds zeros)."""
