@@ -235,7 +235,7 @@ def train_transformer(args) -> None:
         emb, _, pooled, _ = pipe.encode_prompt(prompt=caps, prompt_2=None, prompt_3=None,
                                                do_classifier_free_guidance=False, max_sequence_length=n_t5)
         u = torch.sigmoid(torch.randn(args.batch, generator=gen))
-        sigma = 3.0 * u / (1 + 2.0 * u)  # logit-normal σ shifted like the sampling schedule (shift 3)
+        sigma = args.sigma_shift * u / (1 + (args.sigma_shift - 1) * u)  # logit-normal σ, shifted (SD3: shift 3)
         eps = torch.randn(x0.shape, generator=gen)
         s = sigma.view(-1, 1, 1, 1)
         xt = (1 - s) * x0 + s * eps
@@ -330,6 +330,8 @@ def main() -> None:
     p.add_argument("--pool", type=int, default=40_000, help="number of pre-encoded scenes")
     p.add_argument("--char-t5", action="store_true",
                    help="train a character-level encoder in the T5 slot (letters of quoted words, for text rendering)")
+    p.add_argument("--sigma-shift", type=float, default=3.0,
+                   help="shift of the logit-normal σ (3 = the sampling schedule's; 1 = more samples at mid/low σ)")
     p.add_argument("--text-pool", type=int, default=20_000, help="number of pre-encoded text scenes")
     p.add_argument("--steps", type=int, default=5_000)
     p.add_argument("--batch", type=int, default=64)
