@@ -1,19 +1,20 @@
 """Text rendering in the embedded "shapes" domain: signs with a short word, for OCR rewards and benchmarks.
 
 A text scene is one rectangular sign of a colour from :data:`~flowrl.shapes.render.COLORS` with one upper-case word
-of :data:`WORDS` centred on it in white or black (whichever contrasts with the sign, :data:`TEXT_COLOR`), on the grey
-background of the shapes domain, near the image centre (:data:`MAX_JITTER`), drawn at 4× resolution and box-filtered to 64×64 like the shape scenes. The font
-is Pillow's bundled scalable font (``ImageFont.load_default(size=...)``, Aileron Regular; needs Pillow built with
-FreeType, as every PyPI wheel is), so rendering needs no system fonts.
+of :data:`WORDS` centred on it in white or black (whichever contrasts with the sign, :data:`TEXT_COLOR`), near the
+image centre (:data:`MAX_JITTER`), on the grey background of the shapes domain. It is drawn at 4× resolution and
+box-filtered to 64×64 like the shape scenes. The font is Pillow's bundled scalable font
+(``ImageFont.load_default(size=...)``, Aileron Regular; it needs Pillow built with FreeType, as every PyPI wheel is),
+so rendering needs no system fonts.
 
-Prompts follow Flow-GRPO's OCR prompt format — the word in double quotes, e.g. ``a blue sign that says "STOP"`` —
-and their metadata records are ``{"prompt", "tag", "text", "color"}`` (``color`` is ``None`` when the prompt names
-no colour), which the ``ocr`` reward reads through ``metadata["text"]``.
+Prompts follow Flow-GRPO's OCR prompt format — the word in double quotes, e.g. ``a blue sign that says "STOP"``.
+Their metadata records are ``{"prompt", "tag", "text", "color"}`` (``color`` is ``None`` when the prompt names no
+colour); the ``ocr`` reward reads ``metadata["text"]``.
 
-:func:`make_text_splits` makes the disjoint splits used by ``scripts/make_prompts.py --text``: pretraining captions,
-RL training prompts (only :data:`RL_WORDS`) and held-out prompts, tagged ``ocr`` (a word RL trains on, in a
-prompt it never sees) or ``ocr_new_word`` (one of :data:`HELDOUT_WORDS`, which RL never sees; the base model learnt
-to write it in pretraining).
+:func:`make_text_splits` makes the disjoint splits that ``scripts/make_prompts.py`` writes: pretraining captions, RL
+training prompts (only :data:`RL_WORDS`) and held-out prompts. Held-out prompts are tagged ``ocr`` (a word RL trains
+on, in a prompt it never sees) or ``ocr_new_word`` (one of :data:`HELDOUT_WORDS`, which RL never sees but pretraining
+does).
 """
 
 from __future__ import annotations
