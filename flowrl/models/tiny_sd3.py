@@ -36,12 +36,29 @@ TRANSFORMER_CONFIG = dict(
 T5_LENGTHS, T5_PROBS = (0, 16, 256), (0.7, 0.2, 0.1)
 
 
+def _save_unigram_t5_tokenizer(vocab: list[tuple[str, float]], tokenizer_dir: Path, model_max_length: int,
+                               lowercase: bool = False) -> None:
+    """Write a ``T5TokenizerFast`` over a Unigram model with ``vocab`` (``<pad>``, ``</s>``, ``<unk>`` first),
+    Metaspace pre-tokenisation and ``</s>`` appended, into ``tokenizer_dir``."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    if lowercase:
+        tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    t5_tok = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0)
+    t5_tok.model_max_length = model_max_length
+    t5_tok.save_pretrained(tokenizer_dir)
+
+
 def t5_stub(tokenizer_dir: Path):
     """SD3's third text-encoder slot for the embedded model: a tiny ``T5EncoderModel`` whose final RMSNorm weight is 0,
     so it outputs exact zeros — the same embedding SD3's pipeline uses when T5 is absent — plus a small T5 tokenizer
     over the domain's words. It exists so that ``StableDiffusion3Pipeline.from_pretrained(path)`` loads the folder
     with no extra arguments; flowrl's adapter skips it (``load_t5: false``) and uses the pipeline's zeros directly."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
     from flowrl.shapes.prompts import all_metadata
@@ -49,14 +66,7 @@ def t5_stub(tokenizer_dir: Path):
     words = sorted({w for m in all_metadata() for w in m["prompt"].split()})
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in words]
     vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"] + [("▁", -3.0)]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    t5_tok = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0)
-    t5_tok.model_max_length = 512
-    t5_tok.save_pretrained(tokenizer_dir)
+    _save_unigram_t5_tokenizer(vocab, tokenizer_dir, model_max_length=512, lowercase=True)
     t5 = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=TRANSFORMER_CONFIG["joint_attention_dim"], d_kv=16,
                                  d_ff=32, num_layers=1, num_heads=2, pad_token_id=0, eos_token_id=1))
     with torch.no_grad():
@@ -77,17 +87,10 @@ def char_t5(tokenizer_dir: Path, seed: int = 0, num_layers: int = 2):
     it one token per word. ``T5EncoderModel``: ``d_model`` = the transformer's ``joint_attention_dim`` (48),
     ``num_layers`` layers, 4 heads, relative position buckets (letter order). Returns ``(model, tokenizer)``.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)] + [(c, -1.0) for c in CHARS]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    t5_tok = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0)
-    t5_tok.model_max_length = CHAR_T5_LENGTH
-    t5_tok.save_pretrained(tokenizer_dir)
+    _save_unigram_t5_tokenizer(vocab, tokenizer_dir, model_max_length=CHAR_T5_LENGTH)
     torch.manual_seed(seed)
     t5 = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=TRANSFORMER_CONFIG["joint_attention_dim"], d_kv=12,
                                  d_ff=96, num_layers=num_layers, num_heads=4, pad_token_id=0, eos_token_id=1,
