@@ -132,6 +132,13 @@ def latent_pool(vae, rng: np.random.Generator, n: int, batch: int = 256,
     return torch.cat(zs), caps
 
 
+def _sample(pipe, chunk: list[dict], seed: int, steps: int, cfg: float, max_sequence_length: int) -> np.ndarray:
+    """One ODE image per record (``float [n, 64, 64, 3]`` in [0, 1]); record ``k`` uses seed ``seed + k``."""
+    gens = [torch.Generator().manual_seed(seed + k) for k in range(len(chunk))]
+    return pipe([m["prompt"] for m in chunk], num_inference_steps=steps, guidance_scale=cfg, generator=gens,
+                height=64, width=64, max_sequence_length=max_sequence_length, output_type="np").images
+
+
 def quick_eval(pipe, metadata: list[dict], steps: int = 20, cfg: float = 4.5, seed: int = 0,
                max_sequence_length: int = 0) -> dict:
     """Held-out GenEval-style strict score of the current weights (1 image per prompt, ODE sampler)."""
@@ -141,9 +148,7 @@ def quick_eval(pipe, metadata: list[dict], steps: int = 20, cfg: float = 4.5, se
     recs = []
     for i in range(0, len(metadata), 32):
         chunk = metadata[i : i + 32]
-        gens = [torch.Generator().manual_seed(seed + i + k) for k in range(len(chunk))]
-        imgs = pipe([m["prompt"] for m in chunk], num_inference_steps=steps, guidance_scale=cfg, generator=gens,
-                    height=64, width=64, max_sequence_length=max_sequence_length, output_type="np").images
+        imgs = _sample(pipe, chunk, seed + i, steps, cfg, max_sequence_length)
         for m, im in zip(chunk, imgs):
             dets = detect((im * 255).round().astype(np.uint8))
             recs.append({"prompt": m["prompt"], "tag": m["tag"], "correct": evaluate_strict(m, dets)[0],
@@ -160,9 +165,7 @@ def quick_ocr_eval(pipe, metadata: list[dict], steps: int = 20, cfg: float = 4.5
     ocr, rows = OCRReward(), []
     for i in range(0, len(metadata), 32):
         chunk = metadata[i : i + 32]
-        gens = [torch.Generator().manual_seed(seed + i + k) for k in range(len(chunk))]
-        imgs = pipe([m["prompt"] for m in chunk], num_inference_steps=steps, guidance_scale=cfg, generator=gens,
-                    height=64, width=64, max_sequence_length=max_sequence_length, output_type="np").images
+        imgs = _sample(pipe, chunk, seed + i, steps, cfg, max_sequence_length)
         out = ocr((imgs * 255).round().astype(np.uint8), [m["prompt"] for m in chunk], chunk)
         rows += [(m["tag"], r, e) for m, r, e in zip(chunk, out["reward"], out["exact"])]
     res = {}
