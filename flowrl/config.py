@@ -182,10 +182,12 @@ class RewardConfig:
 
 @dataclass
 class DataConfig:
-    """Prompt files: GenEval metadata JSON lines (training split and held-out split)."""
+    """Prompt files (training split and held-out split): GenEval metadata JSON lines, OCR prompts with the text in
+    double quotes, or plain prompt lists (``.txt`` / CSV / JSON lines; see :mod:`flowrl.prompt_sets`)."""
 
     train: str = "assets/prompts/shapes_train.jsonl"
     test: str = "assets/prompts/shapes_test.jsonl"
+    kind: str | None = None  # "geneval" | "ocr" | "plain"; None detects it from the file
     balance_tags: bool = True  # draw training prompts with equal probability per GenEval tag
 
 
@@ -426,6 +428,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> Derived:
     if t.optimizer_steps_per_epoch <= 0 or (mb and mb % t.optimizer_steps_per_epoch):
         errs.append(f"{mb} micro-batches per rank per epoch cannot be split into trainer.optimizer_steps_per_epoch="
                     f"{t.optimizer_steps_per_epoch} equal optimizer steps; use a divisor of {mb}")
+    if cfg.data.kind not in (None, "geneval", "ocr", "plain"):
+        errs.append(f"data.kind={cfg.data.kind!r}: choose 'geneval', 'ocr' or 'plain', or null to detect it from the "
+                    "prompt file")
     if s.kind not in ("sde", "cps", "dance"):
         errs.append(f"sampler.kind={s.kind!r}: choose 'sde', 'cps' or 'dance'")
     if a.name not in ("flow_grpo", "nft", "raft", "dpo", "draft", "rpo"):

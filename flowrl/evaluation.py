@@ -392,6 +392,9 @@ def evaluate_benchmark(adapter, metadata: list[dict], reward_fn, *, kind: str = 
     return summary
 
 
+_PROTOCOL_KEYS = ("images_per_prompt", "steps", "guidance_scale", "seed")  # run_summary's protocol, not metrics
+
+
 def markdown_table(summaries: dict[str, dict]) -> str:
     """A markdown table with one column per model (``summaries`` maps a label to a :func:`summarize` dict)."""
     labels = list(summaries)
@@ -404,7 +407,7 @@ def markdown_table(summaries: dict[str, dict]) -> str:
         for key in ("overall", "correct_images", "correct_prompts", "partial"):
             lines.append(f"| **{key}** | " + " | ".join(f"{summaries[l][key]:.3f}" for l in labels) + " |")
         return "\n".join(lines) + "\n"
-    keys = [k for k, v in first.items() if isinstance(v, float)]
+    keys = [k for k, v in first.items() if isinstance(v, float) and k not in _PROTOCOL_KEYS]
     lines = ["| metric | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     lines += [f"| {k} | " + " | ".join(f"{summaries[l][k]:.4f}" for l in labels) + " |" for k in keys]
     for tag, cols in first.get("by_tag", {}).items():

@@ -53,7 +53,6 @@ from flowrl.flow.samplers import mixgrpo_train_steps
 from flowrl.flow.sde import kl_gaussian_means
 from flowrl.rewards import check_reward_output, load_reward
 from flowrl.runtime import open_run_dir, reduce_and_clip
-from flowrl.shapes.prompts import read_jsonl
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -210,6 +209,21 @@ def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+def read_prompt_file(path: str, kind: str | None = None) -> list[dict]:
+    """The records of a training or held-out prompt file: GenEval metadata, OCR prompts (the quoted text becomes the
+    record's ``text``) or a plain prompt list, detected as :func:`flowrl.prompt_sets.load_prompt_set` does unless
+    ``kind`` (``"geneval"`` / ``"ocr"`` / ``"plain"``) is given. Records keep every field of the file (``tag``,
+    ``include``, ...); the reward decides which fields it needs.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: a malformed line (named ``path:line``), an empty file or an unknown ``kind``.
+    """
+    from flowrl.prompt_sets import load_prompt_set
+
+    return load_prompt_set(path, kind).records
+
+
 def make_epoch(cfg: TrainConfig, train_md: list[dict], epoch: int, rank: int, world: int,
                round_: int = 0, step_levels: torch.Tensor | None = None) -> EpochBatch:
     """Draw the epoch's prompt groups (identical on every rank) and return this rank's slice.
@@ -327,8 +341,8 @@ class Trainer:
             from flowrl.deepspeed_zero import require_deepspeed
 
             require_deepspeed()
-        self.train_md = read_jsonl(cfg.data.train)
-        self.test_md = read_jsonl(cfg.data.test)
+        self.train_md = read_prompt_file(cfg.data.train, cfg.data.kind)
+        self.test_md = read_prompt_file(cfg.data.test, cfg.data.kind)
         self.reward_fn = load_reward(cfg.reward.name, **dict(cfg.reward.args))
         # GDPO: the per-component reward columns whose advantages are normalised separately
         self._components = list(self.reward_fn.weights) if cfg.reward.aggregation == "gdpo" else []
@@ -1517,7 +1531,8 @@ class Trainer:
             if "base" in results:
                 table = markdown_table({"base": results["base"], "trained (EMA)": results["trained"]})
                 (self.out / "eval" / "comparison.md").write_text(table)
-                print("\nHeld-out evaluation (strict GenEval-style, ODE):\n" + table)
+                kind = "strict GenEval-style" if "tasks" in results["base"] else f"reward={self.cfg.reward.name}"
+                print(f"\nHeld-out evaluation ({kind}, ODE):\n" + table)
                 if "overall" in results["base"]:
                     print(f"overall: base {results['base']['overall']:.4f} -> trained "
                           f"{results['trained']['overall']:.4f} "
