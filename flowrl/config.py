@@ -14,6 +14,8 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from flowrl.prompt_sets import KINDS as PROMPT_KINDS
+
 
 @dataclass
 class ModelConfig:
@@ -187,7 +189,7 @@ class DataConfig:
 
     train: str = "assets/prompts/shapes_train.jsonl"
     test: str = "assets/prompts/shapes_test.jsonl"
-    kind: str | None = None  # "geneval" | "ocr" | "plain"; None detects it from the file
+    kind: str | None = None  # one of flowrl.prompt_sets.KINDS ("geneval" | "ocr" | "plain"); None: detected
     balance_tags: bool = True  # draw training prompts with equal probability per GenEval tag
 
 
@@ -428,8 +430,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> Derived:
     if t.optimizer_steps_per_epoch <= 0 or (mb and mb % t.optimizer_steps_per_epoch):
         errs.append(f"{mb} micro-batches per rank per epoch cannot be split into trainer.optimizer_steps_per_epoch="
                     f"{t.optimizer_steps_per_epoch} equal optimizer steps; use a divisor of {mb}")
-    if cfg.data.kind not in (None, "geneval", "ocr", "plain"):
-        errs.append(f"data.kind={cfg.data.kind!r}: choose 'geneval', 'ocr' or 'plain', or null to detect it from the "
+    if cfg.data.kind is not None and cfg.data.kind not in PROMPT_KINDS:
+        errs.append(f"data.kind={cfg.data.kind!r}: choose one of {list(PROMPT_KINDS)}, or null to detect it from the "
                     "prompt file")
     if s.kind not in ("sde", "cps", "dance"):
         errs.append(f"sampler.kind={s.kind!r}: choose 'sde', 'cps' or 'dance'")

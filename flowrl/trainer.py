@@ -52,6 +52,7 @@ from flowrl.flow.rollout import Trajectory, sample_trajectory, step_fn
 from flowrl.flow.samplers import mixgrpo_train_steps
 from flowrl.flow.sde import kl_gaussian_means
 from flowrl.rewards import check_reward_output, load_reward
+from flowrl.prompt_sets import load_prompt_set
 from flowrl.runtime import open_run_dir, reduce_and_clip
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -209,21 +210,6 @@ def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def read_prompt_file(path: str, kind: str | None = None) -> list[dict]:
-    """The records of a training or held-out prompt file: GenEval metadata, OCR prompts (the quoted text becomes the
-    record's ``text``) or a plain prompt list, detected as :func:`flowrl.prompt_sets.load_prompt_set` does unless
-    ``kind`` (``"geneval"`` / ``"ocr"`` / ``"plain"``) is given. Records keep every field of the file (``tag``,
-    ``include``, ...); the reward decides which fields it needs.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: a malformed line (named ``path:line``), an empty file or an unknown ``kind``.
-    """
-    from flowrl.prompt_sets import load_prompt_set
-
-    return load_prompt_set(path, kind).records
-
-
 def make_epoch(cfg: TrainConfig, train_md: list[dict], epoch: int, rank: int, world: int,
                round_: int = 0, step_levels: torch.Tensor | None = None) -> EpochBatch:
     """Draw the epoch's prompt groups (identical on every rank) and return this rank's slice.
@@ -341,8 +327,9 @@ class Trainer:
             from flowrl.deepspeed_zero import require_deepspeed
 
             require_deepspeed()
-        self.train_md = read_prompt_file(cfg.data.train, cfg.data.kind)
-        self.test_md = read_prompt_file(cfg.data.test, cfg.data.kind)
+        # GenEval metadata, OCR prompts (quoted text → record "text") or plain lists; records keep every field
+        self.train_md = load_prompt_set(cfg.data.train, cfg.data.kind).records
+        self.test_md = load_prompt_set(cfg.data.test, cfg.data.kind).records
         self.reward_fn = load_reward(cfg.reward.name, **dict(cfg.reward.args))
         # GDPO: the per-component reward columns whose advantages are normalised separately
         self._components = list(self.reward_fn.weights) if cfg.reward.aggregation == "gdpo" else []

@@ -141,7 +141,8 @@ def test_two_iteration_training_smoke(tiny_sd3_path, tmp_path):
 def test_ocr_prompt_files_train_with_the_ocr_reward(tiny_sd3_path, tmp_path):
     """The trainer reads OCR prompt files (no GenEval ``include``), hands the quoted word to the OCR reward as
     ``text``, and reports the held-out OCR reward per tag."""
-    from flowrl.trainer import Trainer, read_prompt_file
+    from flowrl.prompt_sets import load_prompt_set
+    from flowrl.trainer import Trainer
 
     cfg: TrainConfig = OmegaConf.to_object(_compose([f"model.pretrained={tiny_sd3_path}", "reward=ocr_shapes",
                                                      "data=shapes_text"]))
@@ -151,16 +152,16 @@ def test_ocr_prompt_files_train_with_the_ocr_reward(tiny_sd3_path, tmp_path):
     t.save_every, t.log_images_every = 0, 0
     cfg.sampler.train_steps, cfg.sampler.eval_steps = 2, 2
     tr = Trainer(cfg)
-    assert all(m["text"] in m["prompt"] and '"' + m["text"] + '"' in m["prompt"] for m in tr.train_md)
+    assert all('"' + m["text"] + '"' in m["prompt"] for m in tr.train_md)
     res = tr.run()
     assert "tasks" not in res["base"] and 0.0 <= res["base"]["overall"] <= 1.0
     assert set(res["base"]["by_tag"]) == {"ocr", "ocr_new_word"}  # the first 24 held-out prompts hold both tags
     # a plain prompt list is read too; an unknown kind is refused by validate
     plain = tmp_path / "p.txt"
     plain.write_text("a red circle\n\na blue square\n")
-    assert [m["prompt"] for m in read_prompt_file(str(plain))] == ["a red circle", "a blue square"]
+    assert [m["prompt"] for m in load_prompt_set(plain).records] == ["a red circle", "a blue square"]
     with pytest.raises(ValueError, match="no target text"):
-        read_prompt_file(str(plain), "ocr")
+        load_prompt_set(plain, "ocr")
     cfg.data.kind = "csv"
     with pytest.raises(ConfigError, match="data.kind"):
         validate(cfg)

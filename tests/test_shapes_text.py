@@ -159,19 +159,21 @@ def test_shipped_text_base_writes_the_quoted_word():
     import torch
     from diffusers import StableDiffusion3Pipeline
 
+    from flowrl.models.tiny_sd3 import CHAR_T5_LENGTH
+
     pipe = StableDiffusion3Pipeline.from_pretrained("assets/shapes-sd3-text")
     pipe.set_progress_bar_config(disable=True)
     assert pipe.text_encoder_3.config.num_layers > 1  # the trained character encoder, not the zero stub
 
-    def sample(prompts, seed):
-        gens = [torch.Generator().manual_seed(seed) for _ in prompts]
+    def sample(prompts, seeds):  # one generator per image: each image is what a single-prompt call would give
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
         return (pipe(prompts, num_inference_steps=20, guidance_scale=4.5, generator=gens, height=64, width=64,
-                     max_sequence_length=56, output_type="np").images * 255).round().astype(np.uint8)
+                     max_sequence_length=CHAR_T5_LENGTH, output_type="np").images * 255).round().astype(np.uint8)
 
-    cat, zoo = sample(['a white sign that says "CAT"', 'a white sign that says "ZOO"'], seed=0)
+    cat, zoo = sample(['a white sign that says "CAT"', 'a white sign that says "ZOO"'], seeds=[0, 0])
     diff = np.abs(cat.astype(int) - zoo.astype(int)).mean()
     assert diff > 2.0  # the word changes the image, not only the seed
     test = make_text_splits()["test"][::4][:24]  # one prompt per word
-    imgs = np.concatenate([sample([m["prompt"]], seed=k) for k, m in enumerate(test)])
+    imgs = sample([m["prompt"] for m in test], seeds=range(len(test)))
     out = OCRReward()(imgs, [m["prompt"] for m in test], test)
     assert float(np.mean(out["reward"])) > 0.15
