@@ -123,6 +123,78 @@ def per_prompt_means(records: list[dict], column: str) -> dict[int, float]:
     return {i: sum(v) / len(v) for i, v in acc.items()}
 
 
+def paired_difference(base_records: list[dict], records: list[dict], column: str,
+                      group_key: str | None = None) -> dict:
+    """Mean difference ``model − base`` of ``column`` with its standard error, paired by prompt.
+
+    Both evaluations must use the same prompts, images per prompt and seeds (:func:`flowrl.evaluation.evaluate`
+    draws image ``k`` of prompt ``i`` from seed ``seed + i · images_per_prompt + k`` for every model), so the two
+    images of a pair share their initial noise and differ only by the weights. The unit is the prompt: each prompt's
+    difference is the mean over its images of model minus base; the standard error is the sample standard
+    deviation of those per-prompt differences over ``√n`` (n = prompts in both record sets). Pairing by prompt removes
+    the prompt-to-prompt spread (the large part of the variance of an unpaired comparison) and makes no assumption
+    about the 4 images of a prompt being independent.
+
+    Args:
+        base_records, records: per-image records (``results.jsonl`` lines) with ``prompt_index`` and ``column``.
+        column: the reward column compared, e.g. ``"reward"``.
+        group_key: record field to also report per group (``"tag"``, ``"category"``), or ``None``.
+
+    Returns:
+        ``{"column", "n_prompts", "base", "model", "mean", "se", "z", "groups": {group: {same keys}}}`` with
+        ``base`` / ``model`` the means over the shared prompts, ``mean`` their difference and ``z = mean / se``
+        (``se`` and ``z`` are NaN for fewer than 2 prompts or a zero spread).
+
+    Raises:
+        ValueError: the two record sets share no prompt with ``column`` (different prompt files, or a missing
+            column); the message names what each side has.
+    """
+    b, m = per_prompt_means(base_records, column), per_prompt_means(records, column)
+    shared = sorted(set(b) & set(m))
+    if not shared:
+        raise ValueError(f"paired_difference: no prompt has column {column!r} in both evaluations "
+                         f"({len(b)} base prompts, {len(m)} model prompts with it); compare evaluations of the same "
+                         "prompt file and reward")
+
+    def stats(idx: list[int]) -> dict:
+        d = [m[i] - b[i] for i in idx]
+        n = len(d)
+        mean = sum(d) / n
+        se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n) if n > 1 else float("nan")
+        return {"column": column, "n_prompts": n, "base": sum(b[i] for i in idx) / n,
+                "model": sum(m[i] for i in idx) / n, "mean": mean, "se": se,
+                "z": mean / se if se and not math.isnan(se) else float("nan")}
+
+    out = stats(shared)
+    groups: dict[str, list[int]] = {}
+    if group_key:
+        seen = set()
+        for r in base_records:
+            i = int(r["prompt_index"])
+            if i in m and i in b and i not in seen:
+                seen.add(i)
+                groups.setdefault(str(r.get(group_key, "")), []).append(i)
+    out["groups"] = {g: stats(idx) for g, idx in groups.items()} if len(groups) > 1 else {}
+    return out
+
+
+def render_paired_markdown(paired: dict[str, dict], base: str) -> str:
+    """A markdown table of :func:`paired_difference` results, ``{model label: result}``: one row per model (and per
+    group), with the base mean, the model mean, the paired difference ± its standard error and ``z``."""
+    lines = [f"| model | prompts | {base} | model | Δ ± SE (paired by prompt) | z |", "|---|---|---|---|---|---|"]
+
+    def row(name: str, r: dict) -> str:
+        se = "–" if math.isnan(r["se"]) else f"{r['se']:.4f}"
+        z = "–" if math.isnan(r["z"]) else f"{r['z']:+.1f}"
+        return (f"| {name} | {r['n_prompts']} | {r['base']:.4f} | {r['model']:.4f} | "
+                f"{_fmt_delta(r['mean'], '.4f')} ± {se} | {z} |")
+
+    for label, r in paired.items():
+        lines.append(row(label, r))
+        lines += [row(f"{label} · {g}", gr) for g, gr in r.get("groups", {}).items()]
+    return "\n".join(lines) + "\n"
+
+
 def largest_changes(base_records: list[dict], records: list[dict], column: str, n: int = 5) -> dict[str, list]:
     """The ``n`` prompts whose mean ``column`` rose most and fell most against the base:
     ``{"up": [(prompt index, prompt, base, model)], "down": [...]}`` (unchanged prompts are left out)."""
@@ -168,9 +240,11 @@ def _td_delta(d, fmt: str) -> str:
 
 
 def render_html(sections: list[dict], models: list[dict], base: str | None, *, title: str, settings: dict,
-                out_dir: Path, primary: tuple[str, str] | None = None, n_samples: int = 16) -> str:
+                out_dir: Path, primary: tuple[str, str] | None = None, n_samples: int = 16,
+                paired: dict[str, dict] | None = None) -> str:
     """The HTML report. ``models``: ``[{"label", "path", "dir"}]`` (``dir`` = the model's output folder);
-    ``primary`` = ``(reward label, column)`` used for per-image captions and the largest per-prompt changes."""
+    ``primary`` = ``(reward label, column)`` used for per-image captions and the largest per-prompt changes;
+    ``paired``: :func:`paired_difference` results ``{model label: result}`` shown as their own table."""
     labels = [m["label"] for m in models]
     base = base if base in labels else None
     rel = {m["label"]: Path(os.path.relpath(m["dir"], out_dir)).as_posix() for m in models}
@@ -196,6 +270,17 @@ def render_html(sections: list[dict], models: list[dict], base: str | None, *, t
                     cells += _td_delta(_delta(vals.get(m), vals.get(base)), fmt)
             rows.append(f"<tr><td>{esc(str(name))}</td>{cells}</tr>")
         parts.append(f"<h2>{esc(sec['title'])}</h2><table><tr><th></th>{head}</tr>{''.join(rows)}</table>")
+    if paired and base and primary:
+        parts.append(f"<h2>Paired difference of {esc(primary[0])} vs {esc(base)}</h2><p class='small'>Images of "
+                     "every model share their seeds; the standard error is over prompts (each prompt: the mean over "
+                     "its images of model − base).</p><table><tr><th>model</th><th>prompts</th>"
+                     f"<th>{esc(base)}</th><th>model</th><th>Δ</th><th>SE</th><th>z</th></tr>")
+        for label, r in paired.items():
+            for name, x in [(label, r)] + [(f"{label} · {g}", gr) for g, gr in r.get("groups", {}).items()]:
+                parts.append(f"<tr><td>{esc(name)}</td><td>{x['n_prompts']}</td><td>{x['base']:.4f}</td>"
+                             f"<td>{x['model']:.4f}</td>{_td_delta(x['mean'], '.4f')}<td>{_fmt(x['se'], '.4f')}</td>"
+                             f"<td>{_fmt(x['z'], '+.1f')}</td></tr>")
+        parts.append("</table>")
     if base and primary and records.get(base):
         label, col = primary
         for m in labels:
@@ -243,6 +328,31 @@ def render_html(sections: list[dict], models: list[dict], base: str | None, *, t
     return "\n".join(parts)
 
 
+def _paired_vs_base(models: list[dict], base: str | None, primary: tuple[str, str] | None,
+                    group_key: str | None) -> dict[str, dict]:
+    """:func:`paired_difference` of the primary reward column of every model against ``base``, read from the
+    models' ``results.jsonl``; ``{}`` without a base, a primary reward or the records."""
+    if not base or not primary:
+        return {}
+    dirs = {m["label"]: Path(m["dir"]) for m in models}
+    base_records = _read_results(dirs[base])
+    out = {}
+    for label, d in dirs.items():
+        records = _read_results(d) if label != base else []
+        if base_records and records:
+            out[label] = paired_difference(base_records, records, primary[1], group_key)
+    return out
+
+
+def _json_safe(obj):
+    """``obj`` with NaN floats replaced by ``None`` (strict JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj
+
+
 def write_report(out_dir: str | Path, models: list[dict], summaries: dict[str, dict], *, settings: dict,
                  base: str | None = "base", comparison: bool = True, title: str = "Benchmark evaluation") -> dict:
     """Write ``report.html`` and, with ``comparison``, ``comparison.md`` and ``comparison.json`` into ``out_dir``.
@@ -265,6 +375,11 @@ def write_report(out_dir: str | Path, models: list[dict], summaries: dict[str, d
     first = summaries[labels[0]]
     primary = next(iter(first["reward_columns"].items()), None)
     md = render_markdown(sections, labels, base)
+    paired = _paired_vs_base(models, base, primary, first.get("group_key"))
+    if paired:
+        md += (f"\n### Paired difference of {primary[0]} vs {base}\n\nImages of every model share their seeds; the "
+               "standard error is over prompts (each prompt: the mean over its images of model − base).\n\n"
+               + render_paired_markdown(paired, base))
     data = {
         "settings": settings, "base": base,
         "models": {m["label"]: {"path": str(m["path"]), "dir": Path(os.path.relpath(m["dir"], out)).as_posix(),
@@ -273,6 +388,7 @@ def write_report(out_dir: str | Path, models: list[dict], summaries: dict[str, d
             {"name": name, "values": vals,
              **({"delta_vs_base": {m: _delta(vals.get(m), vals.get(base)) for m in labels if m != base}}
                 if base else {})} for name, vals in s["rows"]]} for s in sections],
+        "paired": _json_safe(paired),
     }
     if comparison:
         header = (f"# {title}\n\n" + "\n".join(f"- {k}: {v}" for k, v in settings.items()) + "\n"
@@ -281,5 +397,5 @@ def write_report(out_dir: str | Path, models: list[dict], summaries: dict[str, d
         (out / "comparison.md").write_text(header + md)
         (out / "comparison.json").write_text(json.dumps(data, indent=2))
     (out / "report.html").write_text(render_html(sections, models, base, title=title, settings=settings,
-                                                 out_dir=out, primary=primary))
+                                                 out_dir=out, primary=primary, paired=paired))
     return data

@@ -47,6 +47,7 @@ from flowrl.config import ConfigError, Derived, TrainConfig, validate
 from flowrl.core import POLICY_LOSSES, SEQUENCE_LOSSES, aggregate_loss, compute_advantages, informative_groups, select_groups
 from flowrl.core.dpo import best_worst_pairs, diffusion_dpo_loss, dpo_noisy_pair, read_preference_pairs
 from flowrl.core.multi_reward import gdpo_advantages
+from flowrl.eval_report import paired_difference, render_paired_markdown
 from flowrl.evaluation import evaluate, group_diversity, markdown_table, save_grid, to_uint8
 from flowrl.flow.rollout import Trajectory, sample_trajectory, step_fn
 from flowrl.flow.samplers import mixgrpo_train_steps
@@ -1395,6 +1396,15 @@ class Trainer:
                 return evaluate(self.adapter, md, reward_fn, **kwargs)
         return evaluate(self.adapter, md, reward_fn, **kwargs)
 
+    def _paired_heldout(self) -> dict | None:
+        """:func:`flowrl.eval_report.paired_difference` of the held-out ``reward`` column, trained − base, per
+        ``tag`` as well, from ``eval/{base,trained}/results.jsonl``; ``None`` when either file is missing."""
+        b, m = self.out / "eval" / "base" / "results.jsonl", self.out / "eval" / "trained" / "results.jsonl"
+        if not (b.is_file() and m.is_file()):
+            return None
+        read = lambda path: [json.loads(x) for x in path.read_text().splitlines() if x.strip()]  # noqa: E731
+        return paired_difference(read(b), read(m), "reward", group_key="tag")
+
     def _main_flag(self, flag: bool) -> bool:
         """Rank 0's ``flag`` on every rank under FSDP (collective), so that all ranks take the same branch; the flag
         itself otherwise."""
@@ -1411,7 +1421,9 @@ class Trainer:
         """Train for ``trainer.epochs`` epochs, then evaluate base vs trained on the held-out prompts.
 
         Returns:
-            ``{"base": summary, "trained": summary, "history": [...]}``.
+            ``{"base": summary, "trained": summary, "history": [...]}`` and, when both held-out evaluations wrote
+            their records, ``"paired"``: the trained − base ``reward`` difference paired by prompt, with its
+            standard error (:func:`flowrl.eval_report.paired_difference`, per ``tag`` under ``groups``).
 
         Raises:
             RuntimeError: if a reward is NaN/inf (after saving a checkpoint and the offending images).
@@ -1504,7 +1516,8 @@ class Trainer:
                     self.writer.add_image("samples", np.asarray(Image.open(p)), epoch, dataformats="HWC")
             if t.save_every and (epoch + 1) % t.save_every == 0:
                 self.save(f"epoch_{epoch + 1:04d}", epoch, history)
-            if t.eval_every and (epoch + 1) % t.eval_every == 0 and evaluates:
+            if t.eval_every and (epoch + 1) % t.eval_every == 0 and epoch + 1 < t.epochs and evaluates:
+                # (the last epoch's held-out evaluation is the final one below, not run twice)
                 s = self.evaluate_heldout(f"epoch_{epoch + 1:04d}")
                 self._log({"eval/overall": s["overall"]} if "overall" in s else {}, epoch)
             if self.rpo is not None and self.rpo.stop:  # RPO early stopping on its λ-Harmonic validation score
@@ -1517,13 +1530,20 @@ class Trainer:
             (self.out / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
             if "base" in results:
                 table = markdown_table({"base": results["base"], "trained (EMA)": results["trained"]})
+                paired = self._paired_heldout()
+                if paired:
+                    results["paired"] = paired
+                    table += ("\nHeld-out `reward` paired by prompt (same seeds; SE over prompts):\n\n"
+                              + render_paired_markdown({"trained (EMA)": paired}, "base"))
                 (self.out / "eval" / "comparison.md").write_text(table)
                 kind = "strict GenEval-style" if "tasks" in results["base"] else f"reward={self.cfg.reward.name}"
                 print(f"\nHeld-out evaluation ({kind}, ODE):\n" + table)
                 if "overall" in results["base"]:
                     print(f"overall: base {results['base']['overall']:.4f} -> trained "
                           f"{results['trained']['overall']:.4f} "
-                          f"({results['trained']['overall'] - results['base']['overall']:+.4f})")
+                          f"({results['trained']['overall'] - results['base']['overall']:+.4f})"
+                          + (f"; paired reward difference {paired['mean']:+.4f} ± {paired['se']:.4f} (z "
+                             f"{paired['z']:+.1f}, {paired['n_prompts']} prompts)" if paired else ""))
             if self.writer is not None:
                 self.writer.close()
         return results

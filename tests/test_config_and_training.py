@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -132,6 +133,11 @@ def test_two_iteration_training_smoke(tiny_sd3_path, tmp_path):
         assert key in res["base"] and key in res["trained"]
     out = tmp_path / "run"
     assert (out / "eval" / "comparison.md").is_file() and (out / "history.jsonl").is_file()
+    per_image = {m: [json.loads(x)["reward"] for x in (out / "eval" / m / "results.jsonl").read_text().splitlines()]
+                 for m in ("base", "trained")}  # 3 prompts x 1 image: the paired mean is the difference of means
+    assert res["paired"]["n_prompts"] == 3
+    assert res["paired"]["mean"] == pytest.approx(np.mean(per_image["trained"]) - np.mean(per_image["base"]))
+    assert "paired by prompt" in (out / "eval" / "comparison.md").read_text()
     assert list((out / "tensorboard").iterdir()) and (out / "images" / "epoch_0000.png").is_file()
     assert (out / "eval" / "base" / "images" / "00000" / "samples" / "0000.png").is_file()
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path, text_encoder_3=None, tokenizer_3=None)

@@ -150,6 +150,37 @@ def test_reward_specs_and_reward_set():
 
 
 # -- the script ----------------------------------------------------------------------------------------------------
+def _recs(values: dict[int, list[float]], tags: dict[int, str] | None = None) -> list[dict]:
+    return [{"prompt": f"p{i}", "prompt_index": i, "image_index": k, "tag": (tags or {}).get(i, ""), "reward": v}
+            for i, vs in values.items() for k, v in enumerate(vs)]
+
+
+def test_paired_difference_is_per_prompt_with_its_standard_error():
+    from flowrl.eval_report import paired_difference, render_paired_markdown
+
+    tags = {0: "a", 1: "a", 2: "b", 3: "b"}
+    base = _recs({0: [0.0, 0.2], 1: [0.5, 0.5], 2: [1.0, 0.0], 3: [0.3, 0.1]}, tags)
+    model = _recs({0: [0.4, 0.2], 1: [0.5, 0.7], 2: [1.0, 0.4], 3: [0.1, 0.1]}, tags)
+    # per-prompt differences: 0.2, 0.1, 0.2, -0.1 -> mean 0.1, sample sd sqrt(0.06 / 3), se = sd / 2
+    r = paired_difference(base, model, "reward", group_key="tag")
+    assert r["n_prompts"] == 4 and r["mean"] == pytest.approx(0.1)
+    assert r["se"] == pytest.approx(np.sqrt(0.06 / 3) / 2) and r["z"] == pytest.approx(0.1 / r["se"])
+    assert r["base"] == pytest.approx(np.mean([0.1, 0.5, 0.5, 0.2])) and r["model"] - r["base"] == pytest.approx(0.1)
+    assert set(r["groups"]) == {"a", "b"}
+    assert r["groups"]["a"]["mean"] == pytest.approx(0.15) and r["groups"]["a"]["se"] == pytest.approx(0.05)
+    assert r["groups"]["b"]["mean"] == pytest.approx(0.05) and r["groups"]["b"]["n_prompts"] == 2
+    # pairing removes the prompt-to-prompt spread: the same shift on very different prompts has zero error
+    flat = paired_difference(_recs({0: [0.0], 1: [0.9]}), _recs({0: [0.1], 1: [1.0]}), "reward")
+    assert flat["mean"] == pytest.approx(0.1) and flat["se"] == pytest.approx(0.0, abs=1e-12)
+    assert flat["groups"] == {}
+    one = paired_difference(_recs({0: [0.0]}), _recs({0: [0.5], 1: [0.5]}), "reward")  # only prompt 0 is shared
+    assert one["n_prompts"] == 1 and one["mean"] == 0.5 and np.isnan(one["se"])
+    md = render_paired_markdown({"trained": r}, "base")
+    assert "| trained | 4 | 0.3250 | 0.4250 | +0.1000 ± 0.0707 | +1.4 |" in md and "| trained · b | 2 |" in md
+    with pytest.raises(ValueError, match="no prompt has column 'strict' in both"):
+        paired_difference(base, model, "strict")
+
+
 def test_script_errors_are_clear(tmp_path, tiny_sd3_path, capsys):
     base = ["--model", tiny_sd3_path, *FAST]
     code, _, err = _run([*base, "--prompts", tmp_path / "nope.jsonl"], capsys)
@@ -209,6 +240,11 @@ def test_base_and_lora_side_by_side_with_identical_seeds(tiny_sd3_path, tmp_path
     row = next(r for t in data["tables"] for r in t["rows"] if r["name"] == "jpeg_compressibility (mean reward)")
     assert row["delta_vs_base"]["trained"] == pytest.approx(row["values"]["trained"] - row["values"]["base"])
     assert summ["trained"]["columns"] != summ["base"]["columns"]  # the LoRA was applied
+    paired = data["paired"]["trained"]  # the first reward, paired by prompt: its mean is the table's Δ
+    assert paired["column"] == data["models"]["base"]["summary"]["reward_columns"]["geneval_shapes"]
+    primary = next(r for t in data["tables"] for r in t["rows"] if r["name"] == "geneval_shapes (mean reward)")
+    assert paired["mean"] == pytest.approx(primary["delta_vs_base"]["trained"]) and paired["n_prompts"] == 3
+    assert "### Paired difference of geneval_shapes vs base" in md and "| trained | 3 |" in md
     html = (cmp_dir / "report.html").read_text()
     for src in ("base/grid.png", "trained/grid.png", "base/images/00000/samples/0000.png",
                 "trained/images/00002/samples/0000.png"):
