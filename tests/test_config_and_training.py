@@ -120,7 +120,7 @@ def test_two_iteration_training_smoke(tiny_sd3_path, tmp_path):
 
     from flowrl.trainer import Trainer
 
-    cfg = _small_cfg(tiny_sd3_path, tmp_path / "run")
+    cfg = _small_cfg(tiny_sd3_path, tmp_path / "run", eval_every=1)
     tr = Trainer(cfg)
     before = [p.detach().clone() for p in tr.params]
     res = tr.run()
@@ -138,6 +138,8 @@ def test_two_iteration_training_smoke(tiny_sd3_path, tmp_path):
     assert res["paired"]["n_prompts"] == 3
     assert res["paired"]["mean"] == pytest.approx(np.mean(per_image["trained"]) - np.mean(per_image["base"]))
     assert "paired by prompt" in (out / "eval" / "comparison.md").read_text()
+    # eval_every=1: a held-out evaluation after epoch 1; the last epoch's is the final one, not run a second time
+    assert sorted(p.name for p in (out / "eval").iterdir() if p.is_dir()) == ["base", "epoch_0001", "trained"]
     assert list((out / "tensorboard").iterdir()) and (out / "images" / "epoch_0000.png").is_file()
     assert (out / "eval" / "base" / "images" / "00000" / "samples" / "0000.png").is_file()
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path, text_encoder_3=None, tokenizer_3=None)
