@@ -107,8 +107,10 @@ def render_markdown(sections: list[dict], labels: list[str], base: str | None = 
     return "\n\n".join(out) + "\n"
 
 
-def _read_results(folder: Path) -> list[dict]:
-    path = folder / "results.jsonl"
+def read_results(folder: str | Path) -> list[dict]:
+    """The per-image records of an evaluation folder (its ``results.jsonl``, as :func:`flowrl.evaluation.evaluate`
+    writes it); ``[]`` when the folder has none."""
+    path = Path(folder) / "results.jsonl"
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -133,7 +135,7 @@ def paired_difference(base_records: list[dict], records: list[dict], column: str
     difference is the mean over its images of model minus base; the standard error is the sample standard
     deviation of those per-prompt differences over ``√n`` (n = prompts in both record sets). Pairing by prompt removes
     the prompt-to-prompt spread (the large part of the variance of an unpaired comparison) and makes no assumption
-    about the 4 images of a prompt being independent.
+    about the images of one prompt being independent.
 
     Args:
         base_records, records: per-image records (``results.jsonl`` lines) with ``prompt_index`` and ``column``.
@@ -168,12 +170,9 @@ def paired_difference(base_records: list[dict], records: list[dict], column: str
     out = stats(shared)
     groups: dict[str, list[int]] = {}
     if group_key:
-        seen = set()
-        for r in base_records:
-            i = int(r["prompt_index"])
-            if i in m and i in b and i not in seen:
-                seen.add(i)
-                groups.setdefault(str(r.get(group_key, "")), []).append(i)
+        group_of = {int(r["prompt_index"]): str(r.get(group_key, "")) for r in base_records}
+        for i in shared:
+            groups.setdefault(group_of[i], []).append(i)
     out["groups"] = {g: stats(idx) for g, idx in groups.items()} if len(groups) > 1 else {}
     return out
 
@@ -248,7 +247,7 @@ def render_html(sections: list[dict], models: list[dict], base: str | None, *, t
     labels = [m["label"] for m in models]
     base = base if base in labels else None
     rel = {m["label"]: Path(os.path.relpath(m["dir"], out_dir)).as_posix() for m in models}
-    records = {m["label"]: _read_results(Path(m["dir"])) for m in models}
+    records = {m["label"]: read_results(Path(m["dir"])) for m in models}
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{_CSS}</style>"
              f"</head><body><h1>{esc(title)}</h1>"]
@@ -334,13 +333,12 @@ def _paired_vs_base(models: list[dict], base: str | None, primary: tuple[str, st
     models' ``results.jsonl``; ``{}`` without a base, a primary reward or the records."""
     if not base or not primary:
         return {}
-    dirs = {m["label"]: Path(m["dir"]) for m in models}
-    base_records = _read_results(dirs[base])
+    base_records = read_results(next(m["dir"] for m in models if m["label"] == base))
     out = {}
-    for label, d in dirs.items():
-        records = _read_results(d) if label != base else []
-        if base_records and records:
-            out[label] = paired_difference(base_records, records, primary[1], group_key)
+    for m in models:
+        records = read_results(m["dir"]) if m["label"] != base and base_records else []
+        if records:
+            out[m["label"]] = paired_difference(base_records, records, primary[1], group_key)
     return out
 
 

@@ -47,13 +47,13 @@ from flowrl.config import ConfigError, Derived, TrainConfig, validate
 from flowrl.core import POLICY_LOSSES, SEQUENCE_LOSSES, aggregate_loss, compute_advantages, informative_groups, select_groups
 from flowrl.core.dpo import best_worst_pairs, diffusion_dpo_loss, dpo_noisy_pair, read_preference_pairs
 from flowrl.core.multi_reward import gdpo_advantages
-from flowrl.eval_report import paired_difference, render_paired_markdown
+from flowrl.eval_report import paired_difference, read_results, render_paired_markdown
 from flowrl.evaluation import evaluate, group_diversity, markdown_table, save_grid, to_uint8
 from flowrl.flow.rollout import Trajectory, sample_trajectory, step_fn
 from flowrl.flow.samplers import mixgrpo_train_steps
 from flowrl.flow.sde import kl_gaussian_means
-from flowrl.rewards import check_reward_output, load_reward
 from flowrl.prompt_sets import load_prompt_set
+from flowrl.rewards import check_reward_output, load_reward
 from flowrl.runtime import open_run_dir, reduce_and_clip
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -1399,11 +1399,10 @@ class Trainer:
     def _paired_heldout(self) -> dict | None:
         """:func:`flowrl.eval_report.paired_difference` of the held-out ``reward`` column, trained − base, per
         ``tag`` as well, from ``eval/{base,trained}/results.jsonl``; ``None`` when either file is missing."""
-        b, m = self.out / "eval" / "base" / "results.jsonl", self.out / "eval" / "trained" / "results.jsonl"
-        if not (b.is_file() and m.is_file()):
+        base, trained = read_results(self.out / "eval" / "base"), read_results(self.out / "eval" / "trained")
+        if not (base and trained):
             return None
-        read = lambda path: [json.loads(x) for x in path.read_text().splitlines() if x.strip()]  # noqa: E731
-        return paired_difference(read(b), read(m), "reward", group_key="tag")
+        return paired_difference(base, trained, "reward", group_key="tag")
 
     def _main_flag(self, flag: bool) -> bool:
         """Rank 0's ``flag`` on every rank under FSDP (collective), so that all ranks take the same branch; the flag
